@@ -1,0 +1,156 @@
+"""Blocks shared by the model families: RMSNorm, rotary embeddings, SwiGLU MLP, attention, KV cache.
+
+Shape letters: B batch, T query length, S key length, H query heads, G key/value heads,
+D head dim, C model width (d_model), F MLP hidden width, W local-attention window.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm without bias; torch's, kept as a named type so parallel plans can match it."""
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape [max_len, head_dim/2] for rotary position embeddings (fp32)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head dimension by position-dependent angles."""
+    half = x_BHTD.shape[-1] // 2
+    x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
+    cos, sin = cos_TD2.to(x_BHTD.dtype), sin_TD2.to(x_BHTD.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the gated MLP of Llama-style transformers."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC))
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding: [L, B, G, max_len, D]."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, pos: int, k_BGTD: torch.Tensor, v_BGTD: torch.Tensor):
+        """Store keys/values for positions [pos, pos+T) and return those of [0, pos+T)."""
+        end = pos + k_BGTD.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, pos:end] = k_BGTD
+        self.v[layer, :, :, pos:end] = v_BGTD
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+def local_attention(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention: query t sees keys (t - window, t].
+
+    Computed blockwise: queries are cut into blocks of `window`; each block attends to its own
+    keys and the previous block's, so scores are [T/W, W, 2W] per head, i.e. O(T * W) time and
+    memory, never a [T, T] matrix.
+    """
+    B, H, T, D = q_BHTD.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+    if pad:  # NOTE: padded queries are dropped; padded keys sit after every real query (causal)
+        q_BHTD, k_BHTD, v_BHTD = (F.pad(t, (0, 0, 0, pad)) for t in (q_BHTD, k_BHTD, v_BHTD))
+    # Keys shifted right by one block so block b sees absolute keys [(b-1)W, (b+1)W).
+    k_blocks = F.pad(k_BHTD, (0, 0, W, 0)).unfold(2, 2 * W, W).transpose(-1, -2)  # [B,H,nb,2W,D]
+    v_blocks = F.pad(v_BHTD, (0, 0, W, 0)).unfold(2, 2 * W, W).transpose(-1, -2)
+    q_blocks = q_BHTD.view(B, H, nb, W, D)
+    a = torch.arange(W, device=q_BHTD.device)[:, None]  # query offset inside its block
+    c = torch.arange(2 * W, device=q_BHTD.device)[None, :]  # key offset inside the 2W span
+    allowed_WW2 = (c > a) & (c <= a + W)  # key abs = bW - W + c, query abs = bW + a
+    mask = allowed_WW2.expand(nb, W, 2 * W).clone()
+    mask[0, :, :W] = False  # block 0 has no previous block: those keys are padding
+    out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask)
+    return out.reshape(B, H, nb * W, D)[:, :, :T]
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE, grouped KV heads, optional local window.
+
+    Full attention goes through `scaled_dot_product_attention` (FlashAttention / fused kernels
+    where the device has them). With `window`, training and prefill use `local_attention`.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, window: int | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.window = window
+        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0, pos: int = 0) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        q = self.wq(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, pos, k, v)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if pos == 0:  # training, or prefill of a fresh cache: keys are exactly these T positions
+            if self.window is None or T <= self.window:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                out = local_attention(q, k, v, self.window)
+        else:
+            out = self._attend_cached(q, k, v, pos)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_cached(self, q_BHTD, k_BHSD, v_BHSD, pos: int) -> torch.Tensor:
+        """Queries at positions [pos, pos+T) over cached keys [0, pos+T) (decoding)."""
+        T = q_BHTD.shape[2]
+        start = 0 if self.window is None else max(0, pos - self.window + 1)
+        k_BHSD, v_BHSD = k_BHSD[:, :, start:], v_BHSD[:, :, start:]
+        qpos = torch.arange(pos, pos + T, device=q_BHTD.device)[:, None]
+        kpos = torch.arange(start, pos + T, device=q_BHTD.device)[None, :]
+        allowed = kpos <= qpos
+        if self.window is not None:
+            allowed &= qpos - kpos < self.window
+        return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=allowed)
+
+
+def init_weights(module: nn.Module, std: float, residual_std: float, residual_names: tuple[str, ...]) -> None:
+    """Normal(0, std) for linears/embeddings; `residual_std` for projections into the residual stream."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            s = residual_std if name.split(".")[-1] in residual_names else std
+            nn.init.normal_(m.weight, mean=0.0, std=s)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def residual_scale(std: float, n_layers: int) -> float:
+    """GPT-2's scaling of residual-stream projections: std / sqrt(2 * n_layers)."""
+    return std / math.sqrt(2 * n_layers)

@@ -1,0 +1,117 @@
+"""Decoder-only transformer language model: RoPE, RMSNorm, SwiGLU, SDPA, optional local window.
+
+Layers live in a `ModuleDict` keyed by index so that pipeline stages can be cut by deleting
+modules without changing checkpoint keys; each block's `mlp` is a slot that the MoE layer fills.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import archs
+from archs.common import Attention, KVCache, RMSNorm, SwiGLU, init_weights, residual_scale, rope_tables
+from cluster.configio import doc
+
+
+@dataclass
+class TransformerConfig:
+    arch: str = doc("architecture family (registry key)", "transformer")
+    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
+    max_seq_len: int = doc("longest sequence the model accepts (RoPE table size)", 256)
+    d_model: int = doc("model width", 256)
+    n_layers: int = doc("number of transformer blocks", 4)
+    n_heads: int = doc("attention heads; must divide d_model", 4)
+    n_kv_heads: int | None = doc("key/value heads (grouped-query attention); null = n_heads", None)
+    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
+    attn_window: int | None = doc("local attention window (tokens each token sees, itself included); null = full causal", None)
+    rope_theta: float = doc("RoPE base frequency", 10000.0)
+    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
+    tie_embeddings: bool = doc("share the input embedding with the output head", True)
+    init_std: float = doc("std of the normal weight init", 0.02)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"n_heads: head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_kv_heads: {kv} does not divide n_heads={self.n_heads}")
+        for name in ("max_seq_len", "d_model", "n_layers", "n_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.attn_window is not None and self.attn_window < 1:
+            raise ValueError(f"attn_window: must be >= 1 or null, got {self.attn_window}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"vocab_size: must be >= 2, got {self.vocab_size}")
+
+    @property
+    def hidden(self) -> int:
+        return self.d_ff or 64 * -(-(8 * self.d_model // 3) // 64)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.attn_window)
+        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
+
+    def forward(self, x_BTC, cos, sin, cache: KVCache | None = None, pos: int = 0):
+        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache, self.layer_id, pos)
+        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers), ("wo", "w2"))
+
+    def forward(self, tokens_BT: torch.Tensor, cache: KVCache | None = None, pos: int = 0) -> torch.Tensor:
+        """tokens [B, T] (positions pos..pos+T-1) -> logits [B, T, vocab]."""
+        T = tokens_BT.shape[1]
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
+                             "shorten the input or train with a larger model.max_seq_len")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed(tokens_BT)
+        for block in self.layers.values():
+            x = block(x, cos, sin, cache, pos)
+        x = self.norm(x)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        cfg, p = self.cfg, self.embed.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads or cfg.n_heads, max_len or cfg.max_seq_len,
+                       cfg.d_model // cfg.n_heads, dtype or p.dtype, p.device)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores."""
+        cfg = self.cfg
+        n = sum(p.numel() for name, p in self.named_parameters() if name != "embed.weight")
+        if self.head is None:
+            n += self.embed.weight.numel()  # tied head still does the matmul
+        span = min(seq_len, cfg.attn_window or seq_len)
+        return 6 * n + 12 * cfg.n_layers * cfg.d_model * span
+
+
+PRESETS = {
+    "debug": dict(max_seq_len=64, d_model=32, n_layers=2, n_heads=4, d_ff=64),
+    "small": dict(max_seq_len=256, d_model=256, n_layers=4, n_heads=4),
+}
+
+archs.register("transformer", TransformerConfig, Transformer, PRESETS)

@@ -1,0 +1,71 @@
+"""Mixed precision: autocast contexts and a dynamic loss scaler for fp16."""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast to bf16/fp16 for `precision`; a no-op context for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+class DynamicLossScaler:
+    """Scale the loss so fp16 gradients do not underflow; skip steps whose gradients overflow.
+
+    On overflow (inf/nan anywhere, agreed across ranks with one all-reduce) the step is skipped
+    and the scale multiplied by `backoff`; after `growth_interval` clean steps it is multiplied
+    by `growth`. Disabled (scale 1, never skips) for fp32 and bf16.
+    """
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0 ** 16, growth: float = 2.0,
+                 backoff: float = 0.5, growth_interval: int = 1000, min_scale: float = 1.0):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth, self.backoff = growth, backoff
+        self.growth_interval, self.min_scale = growth_interval, min_scale
+        self.clean_steps = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_and_check(self, params, group: dist.ProcessGroup | None = None) -> bool:
+        """Divide gradients by the scale in place; return True if any gradient is inf/nan."""
+        if not self.enabled:
+            return False
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return False
+        found = torch.zeros((), device=grads[0].device)
+        for g in grads:
+            g.mul_(1.0 / self.scale)
+            found = torch.maximum(found, (~torch.isfinite(g)).any().float())
+        if dist.is_initialized():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+        return bool(found.item())  # NOTE: one host sync per step, needed to decide the skip
+
+    def update(self, found_inf: bool) -> None:
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale = max(self.scale * self.backoff, self.min_scale)
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps >= self.growth_interval:
+                self.scale *= self.growth
+                self.clean_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self.clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+        assert math.isfinite(self.scale)

@@ -1,0 +1,130 @@
+"""Training checkpoints: sharded model + optimizer (torch.distributed.checkpoint) and train state.
+
+Layout of one checkpoint directory (Ray Train merges every worker's files into it):
+  .metadata, __R_0.distcp   model and optimizer, keyed by parameter name (DCP; reshardable)
+  train_state.pt            step, data position, scheduler, loss scaler   (rank 0)
+  rng_rankR.pt              each rank's torch RNG state
+  meta.json                 model config, world size, step                (rank 0, written last)
+Each checkpoint is written into a fresh local directory and only becomes the run's latest once
+Ray has copied it completely, so a crash while writing never replaces the last good one.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from cluster.configio import to_dict
+
+# DCP warns on every single-process save/load (generation, tests); that is the intent there.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+PREFIX = "checkpoint_"
+REQUIRED = (".metadata", "train_state.pt", "meta.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, corrupt, or does not fit the model being trained."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dir_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model_cfg: Any,
+         rank: int, world_size: int) -> None:
+    """Every rank calls this with its own (fresh) directory; Ray merges them."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not _distributed())
+    torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save(train_state, path / "train_state.pt")
+        meta = {"model": to_dict(model_cfg), "world_size": world_size, "step": train_state["step"]}
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); it was not "
+                              "written to the end. Move it aside to resume from the previous one")
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e})") from None
+
+
+def check_model(meta: dict, model_cfg: Any, path: str | Path) -> None:
+    """Raise if the checkpoint was written by a model of another shape."""
+    saved, now = meta["model"], to_dict(model_cfg)
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was written by a different model ({'; '.join(diff)}). "
+                              "Use the same model config to resume, or a new cluster.run_name to start over; "
+                              "the existing checkpoint was left untouched")
+
+
+def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
+    """Load model, optimizer and RNG into the live objects; return the train state."""
+    path = Path(path)
+    check_model(read_meta(path), model_cfg, path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    _dcp_load(state, path, no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train_state = torch.load(path / "train_state.pt", weights_only=True)
+    rng = path / f"rng_rank{rank}.pt"
+    if rng.is_file() and read_meta(path)["world_size"] == world_size:
+        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    return train_state
+
+
+def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> None:
+    """Model weights only, in one process, whatever layout wrote them (generation, export)."""
+    path = Path(path)
+    check_model(read_meta(path), model_cfg, path)
+    state = {"model": model.state_dict()}
+    _dcp_load(state, path, no_dist=True)
+    model.load_state_dict(state["model"])
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool) -> None:
+    # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} could not be read ({last}); it may be truncated or "
+                              "from another program. It was left untouched") from e
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint directories of a run, newest step first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted((p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_complete(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of `run_dir` that has every file, or None."""
+    for p in list_checkpoints(run_dir):
+        if all((p / f).is_file() for f in REQUIRED):
+            return p
+    return None

@@ -1,0 +1,197 @@
+"""The job configuration: one `JobConfig` of nested sections, loaded from YAML plus `--set` overrides.
+
+Every check that can fail runs here, on the driver, before any Ray worker starts: unknown keys,
+wrong types, and values that are inconsistent with each other or with the number of workers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+import archs
+from cluster.configio import ConfigError, apply_overrides, check_keys, doc, from_dict, to_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["lm"] = doc("training task (module in cluster/tasks.py)", "lm")
+    steps: int = doc("optimizer steps in the whole run (the LR schedule spans them)", 200)
+    stop_at_step: int | None = doc("end this launch after this step (a later launch of the same run resumes)", None)
+    global_batch_size: int = doc("sequences per optimizer step over all workers", 16)
+    micro_batch_size: int = doc("sequences per forward/backward on one worker; the rest is gradient accumulation", 8)
+    lr: float = doc("peak learning rate", 1e-3)
+    min_lr_ratio: float = doc("final learning rate as a fraction of lr (cosine decay)", 0.1)
+    warmup_steps: int = doc("linear warmup steps", 20)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms and embeddings)", 0.1)
+    betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.95))
+    grad_clip: float | None = doc("clip the global gradient norm to this; null = off", 1.0)
+    precision: Literal["fp32", "bf16", "fp16"] = doc("autocast dtype; fp16 uses dynamic loss scaling and needs GPUs", "fp32")
+    activation_checkpointing: bool = doc("recompute each block's activations in backward", False)
+    eval_interval: int = doc("validate every this many steps (and at the start and end); 0 = only at the end", 50)
+    eval_sequences: int = doc("validation sequences per evaluation", 64)
+    log_interval: int = doc("progress line and metrics every this many steps", 10)
+    checkpoint_interval: int = doc("checkpoint every this many steps (and at the end)", 100)
+    seed: int = doc("seed of the model init and the data order", 0)
+
+    def __post_init__(self):
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_sequences", "log_interval", "checkpoint_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: {self.warmup_steps} exceeds steps={self.steps}")
+        if self.stop_at_step is not None and not 1 <= self.stop_at_step <= self.steps:
+            raise ValueError(f"stop_at_step: must be in [1, steps={self.steps}], got {self.stop_at_step}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size: {self.global_batch_size} is not a multiple of "
+                             f"micro_batch_size={self.micro_batch_size}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class DataConfig:
+    path: str = doc("dataset directory written by `python -m jobs.prepare_data`", "data/pydoc-byte")
+    builtin: Literal["pydoc"] | None = doc(
+        "if path does not exist, prepare this built-in corpus there first; null = path must exist", "pydoc")
+    tokenizer: Literal["byte", "bpe"] = doc("tokenizer used when the built-in corpus is prepared", "byte")
+    seq_len: int = doc("sequence length used when the built-in corpus is prepared", 256)
+
+    def __post_init__(self):
+        if not self.path:
+            raise ValueError("path: is empty; point it at a dataset directory from `python -m jobs.prepare_data`")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len: must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int | None = doc("data-parallel degree; null = every worker (the only layout before EP/TP/PP land)", None)
+
+    def __post_init__(self):
+        if self.dp is not None and self.dp < 1:
+            raise ValueError(f"dp: must be >= 1 or null, got {self.dp}")
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = doc("Ray address; null = RAY_ADDRESS / the job's cluster, else an embedded local Ray", None)
+    num_workers: int = doc("Ray Train workers (one per GPU, or per CPU slot)", 2)
+    use_gpu: bool = doc("one GPU per worker, NCCL; false = CPU workers, gloo", False)
+    cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
+    storage_path: str = doc("where runs live (shared storage on a multi-node cluster)", "runs")
+    run_name: str | None = doc("run name; an existing run of this name resumes; null = a new timestamped name", None)
+    keep_checkpoints: int = doc("checkpoints kept per run (older ones are deleted after a newer one is complete)", 2)
+    max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
+    num_threads: int | None = doc("torch intra-op threads per worker; null = cpus_per_worker", None)
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
+            raise ValueError(f"run_name: {self.run_name!r} must be a plain directory name")
+
+
+@dataclass
+class MetricsConfig:
+    jsonl: bool = doc("append per-step metrics to RUN_DIR/metrics.jsonl (rank 0)", True)
+
+
+@dataclass
+class JobConfig:
+    model: Any = doc("model family config: `arch`, optional `preset`, then the family's fields",
+                     default_factory=lambda: archs.family("transformer").config_cls())
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self):
+        world, t = self.cluster.num_workers, self.train
+        if self.parallel.dp is not None and self.parallel.dp != world:
+            raise ConfigError(f"parallel.dp: {self.parallel.dp} != cluster.num_workers={world}; "
+                              "with data parallelism only, dp must equal the number of workers (or be null)")
+        if t.global_batch_size % (t.micro_batch_size * world):
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x workers "
+                f"= {t.micro_batch_size} x {world}; use a multiple of {t.micro_batch_size * world}")
+        if t.precision == "fp16" and not self.cluster.use_gpu:
+            raise ConfigError("train.precision: fp16 needs GPUs (cluster.use_gpu: true); use fp32 or bf16 on CPU")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.cluster.num_workers)
+
+
+def model_from_dict(data: dict | None) -> Any:
+    """`{"arch": ..., "preset": ..., **fields}` -> the family's config (preset values, then fields)."""
+    data = dict(data or {})
+    arch = data.pop("arch", "transformer")
+    preset = data.pop("preset", None)
+    try:
+        fam = archs.family(arch)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    base: dict = {}
+    if preset is not None:
+        if preset not in fam.presets:
+            raise ConfigError(f"model.preset: unknown preset {preset!r} for {arch}; valid: {', '.join(fam.presets)}")
+        base = dict(fam.presets[preset])
+    check_keys(fam.config_cls, data, "model", extra=("preset",))
+    base.update(data, arch=arch)
+    return from_dict(fam.config_cls, base, "model")
+
+
+def job_from_dict(data: dict | None) -> JobConfig:
+    data = dict(data or {})
+    check_keys(JobConfig, data, "")
+    model = model_from_dict(data.pop("model", None))
+    hints = typing.get_type_hints(JobConfig)
+    sections = {f.name: from_dict(hints[f.name], data.get(f.name) or {}, f.name)
+                for f in dataclasses.fields(JobConfig) if f.name != "model"}
+    return JobConfig(model=model, **sections)
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or the name of a file in jobs/configs/ (with or without .yaml)."""
+    p = Path(name)
+    for cand in (p, CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"--config {name!r}: no such file (built-in configs: {known})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load YAML (`yaml.safe_load`), apply `--set` overrides, validate everything."""
+    data: dict = {}
+    if path is not None:
+        p = resolve_config_path(str(path))
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (model, train, data, ...)")
+    apply_overrides(data, overrides or [])
+    return job_from_dict(data)
+
+
+def dump_config(cfg: JobConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,458 @@
+"""Token datasets on disk and the deterministic order in which workers read them.
+
+A dataset is a directory:
+
+    meta.json                 DatasetMeta as JSON
+    train-00000.parquet ...   one column `tokens`: fixed_size_list<int32>[seq_len + 1]
+    val-00000.parquet ...
+    tokenizer.json            only for the BPE tokenizer
+
+Each row is one training sequence: input = row[:-1], target = row[1:]. The Parquet footer of
+every shard repeats `tokenizer`, `vocab_size`, `seq_len`, `eos_id`, so a lone shard explains
+itself.
+
+The training loop's data position is a single global sample index (`step * global_batch`).
+`GlobalOrder` maps it to dataset rows independently of the number of workers, and
+`batch_indices` cuts each global batch into per-rank parts, so a run resumed on a different
+world size reads exactly the samples it would have read.
+
+Shape letters: N rows, B rows of one batch, W = seq_len + 1 tokens per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Shard:
+    file: str
+    """File name inside the dataset directory, e.g. `train-00000.parquet`."""
+    rows: int
+    """Number of sequences in the file."""
+
+
+@dataclass
+class DatasetMeta:
+    tokenizer: str
+    """Tokenizer name: `byte` or `bpe` (then `tokenizer.json` sits beside the shards)."""
+    vocab_size: int
+    """Number of token ids, eos included."""
+    eos_id: int
+    """Token that ends every document in the stream."""
+    seq_len: int
+    """Model context length; every row holds seq_len + 1 tokens."""
+    num_train: int
+    """Rows in the train split."""
+    num_val: int
+    """Rows in the val split."""
+    shards: dict[str, list[Shard]]
+    """Shard files with row counts, per split, in file order."""
+    source: str = ""
+    """Where the text came from, for humans."""
+    num_documents: int = 0
+    """Non-empty documents tokenized."""
+    num_characters: int = 0
+    """Characters in those documents."""
+    num_tokens: int = 0
+    """Tokens in the stream (eos included) before the tail was dropped."""
+    seed: int = 0
+    """Seed of the window shuffle and train/val split."""
+
+    def rows_per_shard(self, split: str) -> list[int]:
+        return [s.rows for s in self.shards[split]]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> DatasetMeta:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown keys in meta.json: {unknown}")
+        shards = {split: [Shard(**s) for s in raw.get("shards", {}).get(split, [])]
+                  for split in SPLITS}
+        return cls(**{**raw, "shards": shards})
+
+
+def _footer_metadata(meta: DatasetMeta) -> dict[bytes, bytes]:
+    return {key.encode(): str(getattr(meta, key)).encode()
+            for key in ("tokenizer", "vocab_size", "seq_len", "eos_id")}
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: int,
+                  val_fraction: float = 0.05, rows_per_shard: int = 4096, seed: int = 0,
+                  source: str = "", overwrite: bool = False) -> DatasetMeta:
+    """Tokenize `docs` into a dataset directory at `out_dir` and return its metadata.
+
+    Each document is followed by eos; the stream is cut into non-overlapping windows of
+    seq_len + 1 tokens (the tail shorter than a window is dropped), the windows are shuffled
+    with `seed`, and the first round(val_fraction * n) of them (at least 1) form the val split.
+
+    Everything is written into `<out_dir>.tmp-<pid>` and renamed into place at the end, so
+    `out_dir` is either absent or complete. NOTE: the whole token stream is held in memory,
+    which suits the offline corpora of a few hundred MB at most that this is for.
+    """
+    out_dir = Path(out_dir)
+    if seq_len < 1:
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard={rows_per_shard} must be >= 1")
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0")
+    check_out_dir(out_dir, overwrite)
+
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    parts, num_docs, num_chars = [], 0, 0
+    for doc in docs:
+        if not doc:
+            continue  # an empty document would only add a second eos
+        parts += [np.asarray(tokenizer.encode(doc), dtype=np.int32), eos]
+        num_docs += 1
+        num_chars += len(doc)
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+
+    width = seq_len + 1
+    num_rows = len(stream) // width
+    if num_rows < 2:
+        raise ValueError(
+            f"corpus too small: {num_docs} documents, {num_chars} characters, {len(stream)} "
+            f"tokens make {num_rows} sequences of seq_len + 1 = {width} tokens (seq_len="
+            f"{seq_len}); need at least 2 (one train, one val): lower seq_len or add text")
+    windows = stream[: num_rows * width].reshape(num_rows, width)
+    windows = windows[np.random.default_rng(seed).permutation(num_rows)]
+    num_val = min(max(1, round(num_rows * val_fraction)), num_rows - 1)
+
+    meta = DatasetMeta(
+        tokenizer=tokenizer.name, vocab_size=tokenizer.vocab_size, eos_id=tokenizer.eos_id,
+        seq_len=seq_len, num_train=num_rows - num_val, num_val=num_val, shards={},
+        source=source, num_documents=num_docs, num_characters=num_chars,
+        num_tokens=len(stream), seed=seed)
+
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        split_rows = {"train": windows[num_val:], "val": windows[:num_val]}
+        for split in SPLITS:
+            meta.shards[split] = _write_split(tmp, split, split_rows[split], rows_per_shard, meta)
+        if hasattr(tokenizer, "save"):
+            tokenizer.save(tmp / "tokenizer.json")
+        # meta.json last: a directory with meta.json has all its shards.
+        (tmp / "meta.json").write_text(meta.to_json())
+        _publish(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_split(directory: Path, split: str, rows_NW: np.ndarray, rows_per_shard: int,
+                 meta: DatasetMeta) -> list[Shard]:
+    """Write rows [N, W] into shards of at most `rows_per_shard` rows."""
+    shards = []
+    for i, start in enumerate(range(0, len(rows_NW), rows_per_shard)):
+        chunk = np.ascontiguousarray(rows_NW[start: start + rows_per_shard])
+        tokens = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), chunk.shape[1])
+        table = pa.table({"tokens": tokens}).replace_schema_metadata(_footer_metadata(meta))
+        name = f"{split}-{i:05d}.parquet"
+        pq.write_table(table, directory / name)
+        shards.append(Shard(file=name, rows=len(chunk)))
+    return shards
+
+
+def _occupied(path: Path) -> bool:
+    # An empty directory (say, made by hand beforehand) is replaced by the rename anyway.
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Raise FileExistsError if `out_dir` holds something and `overwrite` is off."""
+    if _occupied(Path(out_dir)) and not overwrite:
+        raise FileExistsError(f"data path '{out_dir}' already exists; pass overwrite=True "
+                              "(--overwrite) to replace it")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if overwrite and _occupied(out_dir):
+        # A non-empty directory cannot be renamed over: move the old one aside first.
+        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+        return
+    try:
+        os.replace(tmp, out_dir)
+    except OSError as err:
+        # Another process published the same dataset while we were writing.
+        raise FileExistsError(f"data path '{out_dir}' already exists; pass overwrite=True "
+                              "(--overwrite) to replace it") from err
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_meta(path: str | Path, check_shards: bool = True) -> DatasetMeta:
+    """Read and check `meta.json` against the shard files (existence, row counts, footers).
+
+    `check_shards=False` reads only meta.json (a run keeps a copy for its tokenizer)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data path '{path}' does not exist; run `python -m "
+                                f"jobs.prepare_data --out {path}` or set data.path")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data path '{path}' is not a directory")
+    if not (root / "meta.json").is_file():
+        what = "is empty" if not any(root.iterdir()) else "has no meta.json"
+        raise FileNotFoundError(f"data path '{path}' {what}: not a dataset; run `python -m "
+                                f"jobs.prepare_data --out {path}` or set data.path")
+    try:
+        meta = DatasetMeta.from_dict(json.loads((root / "meta.json").read_text()))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"data path '{path}': malformed meta.json: {err}") from err
+    if not check_shards:
+        return meta
+
+    expected_footer = _footer_metadata(meta)
+    for split in SPLITS:
+        shards = meta.shards[split]
+        if not shards:
+            raise ValueError(f"data path '{path}': meta.json lists no {split} shards")
+        total = sum(s.rows for s in shards)
+        if total != getattr(meta, f"num_{split}"):
+            raise ValueError(f"data path '{path}': {split} shards hold {total} rows but "
+                             f"meta.json says num_{split}={getattr(meta, f'num_{split}')}")
+        on_disk = sorted(p.name for p in root.glob(f"{split}-*.parquet"))
+        if on_disk != sorted(s.file for s in shards):
+            raise ValueError(f"data path '{path}': {split} shard files on disk {on_disk} differ "
+                             f"from meta.json {[s.file for s in shards]}")
+        for shard in shards:
+            # Footers only (a few KB each): cheap enough for every worker to check.
+            footer = pq.read_metadata(root / shard.file)
+            found = {k: v for k, v in (footer.metadata or {}).items() if k in expected_footer}
+            if footer.num_rows != shard.rows or found != expected_footer:
+                raise ValueError(
+                    f"data path '{path}': {shard.file} has {footer.num_rows} rows and footer "
+                    f"{found}, but meta.json says {shard.rows} rows and {expected_footer}")
+    return meta
+
+
+class TokenDataset:
+    """One split of a dataset, read lazily: `get(indices)` -> int64 [n, seq_len + 1].
+
+    Decoded shards are kept in a small LRU cache: `GlobalOrder` visits one shard at a time, so
+    consecutive batches hit the same shard and no file is read twice in a row.
+    """
+
+    def __init__(self, path: str | Path, split: str = "train", cache_shards: int = 2) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} must be one of {SPLITS}")
+        self.path = Path(path)
+        self.split = split
+        self.meta = read_meta(path)
+        self.rows_per_shard = self.meta.rows_per_shard(split)
+        self._offsets = np.cumsum([0] + self.rows_per_shard)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_shards = max(1, cache_shards)
+
+    @property
+    def seq_len(self) -> int:
+        return self.meta.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta.vocab_size
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Rows at `indices` (int [n], into the concatenated shards) as int64 [n, seq_len + 1]."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"{self.split} row index out of range [0, {len(self)}): "
+                             f"{indices.min()}..{indices.max()}")
+        out_NW = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        shard_of = np.searchsorted(self._offsets, indices, side="right") - 1
+        for shard in np.unique(shard_of):
+            mask = shard_of == shard
+            out_NW[mask] = self._shard(int(shard))[indices[mask] - self._offsets[shard]]
+        return out_NW
+
+    def _shard(self, i: int) -> np.ndarray:
+        """Shard i decoded once into int32 [rows, seq_len + 1]."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        column = pq.read_table(self.path / self.meta.shards[self.split][i].file,
+                               columns=["tokens"]).column("tokens").combine_chunks()
+        rows_NW = column.flatten().to_numpy().reshape(len(column), self.seq_len + 1)
+        self._cache[i] = rows_NW
+        if len(self._cache) > self._cache_shards:
+            self._cache.popitem(last=False)
+        return rows_NW
+
+
+# ---------------------------------------------------------------------------- order
+
+
+class GlobalOrder:
+    """Global sample index g (0, 1, 2, ... across epochs) -> dataset row, for every world size.
+
+    epoch = g // N, position = g % N. An epoch visits the shards in a permutation seeded by
+    (seed, epoch) and the rows of each shard in a permutation seeded by (seed, epoch, shard).
+    Shuffling in two levels keeps reads local (a batch touches one or two shards) while the
+    windows themselves were already shuffled globally when the dataset was written.
+    The order is a pure function of (rows per shard, seed, g): no RNG state to checkpoint.
+    """
+
+    def __init__(self, num_rows_per_shard: list[int], seed: int) -> None:
+        self._rows = np.asarray(num_rows_per_shard, dtype=np.int64)
+        if len(self._rows) == 0 or self._rows.min() < 1:
+            raise ValueError(f"num_rows_per_shard={list(num_rows_per_shard)} must be a "
+                             "non-empty list of positive row counts")
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be >= 0")
+        self.seed = seed
+        self.num_rows = int(self._rows.sum())
+        self._offsets = np.cumsum(np.concatenate([[0], self._rows]))
+        self._layouts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def epoch_of(self, g: int) -> int:
+        return g // self.num_rows
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        """Global row ids (into the concatenated shards) of samples start .. start+count-1,
+        int64 [count]."""
+        if start < 0 or count < 0:
+            raise ValueError(f"start={start} and count={count} must be >= 0")
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            epoch, pos = divmod(start + done, self.num_rows)
+            shard_order, shard_start = self._layout(epoch)
+            k = int(np.searchsorted(shard_start, pos, side="right")) - 1
+            shard = int(shard_order[k])
+            within = pos - int(shard_start[k])
+            n = min(count - done, int(self._rows[shard]) - within)
+            perm = self._row_perm(epoch, shard)
+            out[done: done + n] = self._offsets[shard] + perm[within: within + n]
+            done += n
+        return out
+
+    def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shards in visiting order, and the epoch position at which each one starts."""
+        if epoch not in self._layouts:
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self._rows))
+            starts = np.cumsum(np.concatenate([[0], self._rows[order]]))[:-1]
+            self._layouts[epoch] = (order, starts)
+            if len(self._layouts) > 2:  # an epoch boundary needs two
+                self._layouts.popitem(last=False)
+        return self._layouts[epoch]
+
+    def _row_perm(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._perms:
+            rng = np.random.default_rng((self.seed, epoch, shard))
+            self._perms[key] = rng.permutation(int(self._rows[shard]))
+            if len(self._perms) > 4:
+                self._perms.popitem(last=False)
+        return self._perms[key]
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def batch_indices(step_start: int, global_batch: int, rank: int,
+                  world_size: int) -> tuple[int, int]:
+    """(start, count) in global sample indices of `rank`'s contiguous part of the global batch
+    that begins at `step_start`."""
+    if global_batch % world_size:
+        raise ValueError(f"global_batch_size={global_batch} is not divisible by the number of "
+                         f"workers ({world_size})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size})")
+    per_rank = global_batch // world_size
+    return step_start + rank * per_rank, per_rank
+
+
+def micro_batches(start: int, count: int, micro_batch_size: int) -> list[tuple[int, int]]:
+    """Split [start, start+count) into (start, count) chunks of micro_batch_size; the last one
+    may be shorter."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+    return [(s, min(micro_batch_size, start + count - s))
+            for s in range(start, start + count, micro_batch_size)]
+
+
+class ShardedBatches:
+    """This rank's micro-batches for each optimizer step.
+
+    The loop keeps `sample_start = step * global_batch` as its data position; because the
+    split into ranks happens after the global order, any world size reads the same samples.
+    """
+
+    def __init__(self, dataset: TokenDataset, order: GlobalOrder, global_batch: int,
+                 micro_batch_size: int, rank: int, world_size: int) -> None:
+        if order.num_rows != len(dataset):
+            raise ValueError(f"order covers {order.num_rows} rows but the dataset has "
+                             f"{len(dataset)}")
+        batch_indices(0, global_batch, rank, world_size)  # fail now, not at the first step
+        micro_batches(0, 0, micro_batch_size)
+        self.dataset, self.order = dataset, order
+        self.global_batch, self.micro_batch_size = global_batch, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def rows_for_step(self, sample_start: int) -> np.ndarray:
+        """Dataset rows this rank reads for the step, int64 [global_batch / world_size]."""
+        start, count = batch_indices(sample_start, self.global_batch, self.rank,
+                                     self.world_size)
+        return self.order.rows(start, count)
+
+    def batches_for_step(self, sample_start: int) -> list[np.ndarray]:
+        """Micro-batches int64 [micro, seq_len + 1]. NOTE: the last may be shorter when
+        micro_batch_size does not divide the per-rank batch: weight losses by rows."""
+        batch_BW = self.dataset.get(self.rows_for_step(sample_start))
+        return [batch_BW[i: i + self.micro_batch_size]
+                for i in range(0, len(batch_BW), self.micro_batch_size)]
+
+
+def eval_batches(dataset_val: TokenDataset, num_sequences: int, micro_batch_size: int,
+                 rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's share of the first `num_sequences` val rows (file order), as micro-batches
+    int64 [<=micro, seq_len + 1]; possibly empty.
+
+    Val rows were shuffled when written, so a prefix is a fair sample. Ranks get counts that
+    differ by at most one, so reduce summed losses and token counts, not per-rank means.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, {world_size})")
+    total = min(num_sequences, len(dataset_val))
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    count = base + (1 if rank < extra else 0)
+    return [dataset_val.get(np.arange(s, s + c))
+            for s, c in micro_batches(start, count, micro_batch_size)]

@@ -1,0 +1,151 @@
+"""The per-worker training loop that Ray Train runs on every worker.
+
+Read top to bottom: set up the device and model, resume from Ray's latest checkpoint if there
+is one, then step -> log -> evaluate -> checkpoint until the run (or this launch) is done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import torch
+
+import archs
+from cluster import checkpoint
+from cluster.amp import DynamicLossScaler
+from cluster.config import JobConfig
+from cluster.optim import build_optimizer, build_scheduler
+from cluster.step import evaluate, train_step
+from cluster.tasks import build_task
+from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    _quiet_ray_train_reports()
+    job: JobConfig = loop_config["job"]
+    run_dir = Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t, c = job.train, job.cluster
+    if c.use_gpu:
+        device = torch.device("cuda", ctx.get_local_rank())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    torch.set_num_threads(c.num_threads or max(1, int(c.cpus_per_worker)))
+
+    # The model is initialised identically on every rank from the seed (no broadcast needed).
+    torch.manual_seed(t.seed)
+    task = build_task(t.task, job.data)
+    model = archs.build(job.model).to(device)
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+    scaler = DynamicLossScaler(enabled=t.precision == "fp16")
+
+    step = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as ckpt_dir:
+            state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world)
+        step = state["step"]
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if rank == 0:
+            print(f"[raymoe] resumed from step {step} ({Path(ckpt_dir).name}) on {world} workers", flush=True)
+    else:
+        torch.manual_seed(t.seed + 1 + rank)  # per-rank stream for dropout/jitter after the shared init
+
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    ddp_model = apply_data_parallel(model, device)
+
+    batches = task.train_batches(t.global_batch_size, t.micro_batch_size, rank, world, t.seed)
+    eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, rank, world)
+    log = _Logger(run_dir, rank, job.metrics.jsonl)
+    stop = t.stop_at_step or t.steps
+    tokens_per_step = t.global_batch_size * batches.dataset.seq_len
+    flops_per_token = model.flops_per_token(batches.dataset.seq_len)
+
+    def run_eval() -> dict:
+        metrics = task.eval_metrics(evaluate(ddp_model, task, eval_set, t.precision, device))
+        log.write({"step": step, **metrics})
+        return metrics
+
+    last_eval = run_eval() if step == 0 else {}
+    start_step, t_start = step, time.perf_counter()
+    window_t, window_steps = time.perf_counter(), 0
+    while step < stop:
+        result = train_step(ddp_model, task, batches.batches_for_step(step * t.global_batch_size),
+                            optimizer, scaler, t.precision, device, t.grad_clip)
+        scheduler.step()
+        step += 1
+        window_steps += 1
+        record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                  "lr": scheduler.get_last_lr()[0], "skipped": result.skipped, "samples": step * t.global_batch_size}
+        if scaler.enabled:
+            record["loss_scale"] = scaler.scale
+        log.write(record)
+        if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+            last_eval = run_eval()
+        if step % t.log_interval == 0 or step == stop:
+            elapsed = time.perf_counter() - window_t
+            tok_s = window_steps * tokens_per_step / elapsed
+            record.update(tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, **last_eval)
+            log.progress(record, stop, t.steps, time.perf_counter() - t_start, step - start_step)
+            window_t, window_steps = time.perf_counter(), 0
+        ckpt_now = step % t.checkpoint_interval == 0 or step == stop
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
+        if ckpt_now:
+            train_state = {"step": step, "samples": step * t.global_batch_size,
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+            with tempfile.TemporaryDirectory(prefix="raymoe-ckpt-") as tmp:
+                checkpoint.save(tmp, model, optimizer, train_state, job.model, rank, world)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=checkpoint.dir_name(step))
+        # NOTE: metrics-only reports are skipped on purpose: each is a barrier that waits for the
+        # controller to poll (~1 s); per-step metrics go to metrics.jsonl and the progress line.
+    wall = time.perf_counter() - t_start
+    done = step - start_step
+    if rank == 0 and done:
+        log.write({"event": "launch_end", "step": step, "steps_this_launch": done, "train_s": wall,
+                   "tokens_per_s": done * tokens_per_step / wall, "world_size": world})
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO (its logger is named by file path); our progress line
+    already says what matters."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
+class _Logger:
+    """Rank 0 appends JSON lines to RUN_DIR/metrics.jsonl and prints progress lines."""
+
+    def __init__(self, run_dir: Path, rank: int, jsonl: bool):
+        self.rank = rank
+        self.path = run_dir / "metrics.jsonl" if jsonl and rank == 0 else None
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+    def progress(self, r: dict, stop: int, total: int, elapsed: float, done: int) -> None:
+        if self.rank != 0:
+            return
+        left = elapsed / max(done, 1) * (stop - r["step"])
+        val = f" | val {r['val_loss']:.3f}" if "val_loss" in r else ""
+        print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
+              f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s | {r['flops_per_s'] / 1e9:5.1f} GFLOP/s | "
+              f"left {_fmt_s(left)}", flush=True)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s" if s >= 60 else f"{s:.0f}s"

@@ -1,0 +1,77 @@
+"""One optimizer step over micro-batches (gradient accumulation), and evaluation.
+
+Kept apart from the Ray loop so that tests can drive exactly the code that training runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from cluster.amp import DynamicLossScaler, autocast
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target over the global batch (all ranks)
+    grad_norm: float  # before clipping; inf/nan on an overflowing fp16 step
+    skipped: bool  # fp16 overflow: the optimizer did not step
+    targets: int  # targets in the global batch
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimizer: torch.optim.Optimizer,
+               scaler: DynamicLossScaler, precision: str, device: torch.device,
+               grad_clip: float | None) -> StepResult:
+    """Forward/backward every micro-batch, then (unless fp16 overflowed) clip and step.
+
+    Each micro-batch's summed loss is divided by the targets of this rank's whole step, so the
+    accumulated gradient is that of the mean over the step whatever the micro-batch split; DDP
+    then averages equal-sized rank shares into the global-batch mean.
+    """
+    local_targets = sum(task.num_targets(b) for b in micro_batches)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # NOTE: gradients are all-reduced once, on the last micro-batch only.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(precision, device):
+                loss, _ = task.loss_sum(model, batch, device)
+            scaler.scale_loss(loss / local_targets).backward()
+        loss_sum += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    overflow = scaler.unscale_and_check(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
+    if not overflow:
+        optimizer.step()
+    scaler.update(overflow)
+    optimizer.zero_grad(set_to_none=True)
+    totals = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)]))
+    return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
+                      targets=int(totals[1].item()))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task, batches: list[np.ndarray], precision: str, device: torch.device) -> float:
+    """Mean loss per target over every rank's evaluation batches (ranks may hold unequal counts)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, device=device)
+    for batch in batches:
+        with autocast(precision, device):
+            loss, n = task.loss_sum(model, batch, device)
+        totals += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
+    _all_reduce_sum(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1].clamp_min(1)).item()

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny dataset, and one local Ray cluster for the whole test session."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# Ray 2.60 clusters require a token; clients send it (from ~/.ray/auth_token) only in token mode.
+# Set before anything imports ray: it reads the mode at import.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The built-in corpus as 64-token byte sequences (the `debug` preset's length)."""
+    from jobs.prepare_data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "pydoc-byte-64"
+    prepare(source="pydoc", out=str(out), tokenizer="byte", seq_len=64)
+    return out
+
+
+def env_with_venv() -> dict:
+    """Environment whose `python` and `ray` are this interpreter's (Ray jobs run `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One `ray start --head` on 127.0.0.1 (2 CPUs, token auth on) shared by every Ray test.
+
+    Yields {"address": GCS address, "dashboard": job-submission URL}. The driver of in-process
+    tests connects to it; `ray job submit` tests submit to it.
+    """
+    import ray
+
+    gcs, dash = free_port(), free_port()
+    temp = Path("/tmp") / f"raymoe-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    env = env_with_venv()
+    cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+           "--disable-usage-stats"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{gcs}"
+    os.environ["RAY_ADDRESS"] = address
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        ray.shutdown()
+        subprocess.run([os.path.join(VENV_BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.environ.pop("RAY_ADDRESS", None)
+        shutil.rmtree(temp, ignore_errors=True)
+        time.sleep(0.5)

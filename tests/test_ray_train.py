@@ -1,0 +1,101 @@
+"""End to end on the session's local Ray: a 2-worker run, exact resume on another worker count,
+refusal to resume onto another model, generation from the run, and `ray job submit`."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cluster import checkpoint
+from cluster.config import load_config
+from cluster.trainer import fit, read_metrics, step_losses
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.ray
+
+STEPS = 12
+
+
+def debug_overrides(data, storage, name):
+    return [f"data.path={data}", "data.builtin=null", f"cluster.storage_path={storage}",
+            f"cluster.run_name={name}", f"train.steps={STEPS}", "train.warmup_steps=2",
+            "train.eval_interval=6", "train.checkpoint_interval=6", "train.log_interval=3",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "cluster.keep_checkpoints=2"]
+
+
+def debug_job(data, storage, name, *extra):
+    return load_config("debug", debug_overrides(data, storage, name) + list(extra))
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tiny_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    summary = fit(debug_job(tiny_data, storage, "straight"))
+    return storage, summary
+
+
+def test_two_worker_run_end_to_end(straight):
+    storage, summary = straight
+    run_dir = storage / "straight"
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == STEPS
+    for key in ("final_train_loss", "first_val_loss", "last_val_loss", "tokens_per_s", "wall_s"):
+        assert isinstance(on_disk[key], float) and np.isfinite(on_disk[key]), key
+    assert on_disk["world_size"] == 2
+    assert on_disk["last_val_loss"] < on_disk["first_val_loss"]
+    assert sorted(step_losses(read_metrics(run_dir))) == list(range(1, STEPS + 1))
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == [checkpoint.dir_name(12), checkpoint.dir_name(6)]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "meta.json").is_file()
+
+
+def test_generate_from_the_run(straight):
+    storage, _ = straight
+    r = subprocess.run([sys.executable, "-m", "jobs.generate", str(storage / "straight"), "--prompt", "The ",
+                        "--max-new-tokens", "20", "--seed", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The ") and "20 tokens in" in r.stderr
+
+
+def test_resume_continues_the_same_curve_on_another_worker_count(straight, tiny_data):
+    storage, _ = straight
+    first = fit(debug_job(tiny_data, storage, "resumed", "train.stop_at_step=6"))
+    assert first["steps"] == 6
+    # Same run name, half the workers: same global batch, twice the accumulation steps.
+    second = fit(debug_job(tiny_data, storage, "resumed", "cluster.num_workers=1"))
+    assert second["steps"] == STEPS and second["world_size"] == 1
+    launches = [r for r in read_metrics(storage / "resumed") if r.get("event") == "launch_end"]
+    assert [r["steps_this_launch"] for r in launches] == [6, 6]
+    ref = step_losses(read_metrics(storage / "straight"))
+    got = step_losses(read_metrics(storage / "resumed"))
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                               rtol=0, atol=1e-5)
+
+
+def test_resume_onto_another_model_shape_is_refused_before_workers_start(straight, tiny_data):
+    storage, _ = straight
+    run_dir = storage / "straight"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if "checkpoint_" in str(p)}
+    with pytest.raises(checkpoint.CheckpointError, match="different model .*d_model: checkpoint 32 vs config 64"):
+        fit(debug_job(tiny_data, storage, "straight", "model.d_model=64"))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if "checkpoint_" in str(p)} == before
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; run `python -m jobs.prepare_data"):
+        fit(debug_job(tmp_path / "nothing", tmp_path, "x"))
+
+
+def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
+    """The unchanged job under `ray job submit` (token authentication on) against `ray start --head`."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
+           "--address", ray_cluster["dashboard"], "--working-dir", str(REPO), "--",
+           "python", "-m", "jobs.train", "--config", "debug"]
+    for o in debug_overrides(tiny_data, tmp_path, "submitted") + ["train.steps=3", "train.checkpoint_interval=3"]:
+        cmd += ["--set", o]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ray_cluster["env"], cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[raymoe] run finished" in r.stdout
+    summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
+    assert summary["steps"] == 3
