@@ -128,3 +128,15 @@ def test_data_parallel_two_ranks_equal_single_process(tmp_path):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     for k, v in ref_model.state_dict().items():
         torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_bf16_autocast_step_tracks_fp32():
+    """bf16 is a GPU path; on CPU it is only checked for correctness on a tiny model."""
+    batches = global_batches(2, rows=4, T=9)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses[precision] = [train_step(model, ArrayLM(), [b], opt, DynamicLossScaler(False), precision, CPU, 1.0).loss
+                             for b in batches]
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=2e-2)
