@@ -2,6 +2,7 @@
 refusal to resume onto another model, generation from the run, and `ray job submit`."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,7 +59,9 @@ def test_generate_from_the_run(straight):
     r = subprocess.run([sys.executable, "-m", "jobs.generate", str(storage / "straight"), "--prompt", "The ",
                         "--max-new-tokens", "20", "--seed", "1"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("The ") and "20 tokens in" in r.stderr
+    assert r.stdout.startswith("The ")
+    produced = int(re.search(r"# (\d+) tokens in", r.stderr).group(1))  # fewer if it sampled end-of-text
+    assert 1 <= produced <= 20
 
 
 def test_resume_continues_the_same_curve_on_another_worker_count(straight, tiny_data):
