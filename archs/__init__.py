@@ -21,6 +21,16 @@ class Family:
 
 
 _REGISTRY: dict[str, Family] = {}
+# Modules whose import registers a family. Imported on first lookup, not at package import, so
+# that `moe/` can use `archs.common` without a cycle (the MoE transformer imports `moe`).
+_FAMILY_MODULES = ("archs.transformer", "archs.moe_transformer")
+
+
+def _load_families() -> None:
+    import importlib
+
+    for module in _FAMILY_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str, config_cls: type, build: Callable[[Any], nn.Module], presets: dict[str, dict]) -> None:
@@ -30,12 +40,14 @@ def register(name: str, config_cls: type, build: Callable[[Any], nn.Module], pre
 
 
 def family(name: str) -> Family:
+    _load_families()
     if name not in _REGISTRY:
         raise ValueError(f"model.arch: unknown architecture {name!r}; valid: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
+    _load_families()
     return sorted(_REGISTRY)
 
 
@@ -43,6 +55,3 @@ def build(cfg: Any) -> nn.Module:
     """Build the plain (single-device, unsharded) model for config `cfg`."""
     return family(cfg.arch).build(cfg)
 
-
-# Families register themselves on import.
-from archs import transformer  # noqa: E402,F401

@@ -154,8 +154,15 @@ def model_from_dict(data: dict | None) -> Any:
             raise ConfigError(f"model.preset: unknown preset {preset!r} for {arch}; valid: {', '.join(fam.presets)}")
         base = dict(fam.presets[preset])
     check_keys(fam.config_cls, data, "model", extra=("preset",))
-    base.update(data, arch=arch)
-    return from_dict(fam.config_cls, base, "model")
+    return from_dict(fam.config_cls, deep_merge(base, {**data, "arch": arch}), "model")
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` on top of `base`, merging nested mappings (a preset's `moe:` keeps its other keys)."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def job_from_dict(data: dict | None) -> JobConfig:

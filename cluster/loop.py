@@ -88,6 +88,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   "lr": scheduler.get_last_lr()[0], "skipped": result.skipped, "samples": step * t.global_batch_size}
         if scaler.enabled:
             record["loss_scale"] = scaler.scale
+        if result.aux_loss is not None:
+            record["aux_loss"] = result.aux_loss
+            if step % t.log_interval == 0 or step == stop:
+                record["moe"] = result.moe["layers"]
         log.write(record)
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
             last_eval = run_eval()
@@ -142,6 +146,10 @@ class _Logger:
             return
         left = elapsed / max(done, 1) * (stop - r["step"])
         val = f" | val {r['val_loss']:.3f}" if "val_loss" in r else ""
+        if "moe" in r:
+            worst = max(r["moe"], key=lambda s: s["imbalance"])
+            val += (f" | aux {r['aux_loss']:.4f} | imbalance {worst['imbalance']:.2f}"
+                    f" | dropped {100 * sum(s['dropped_frac'] for s in r['moe']) / len(r['moe']):.1f}%")
         print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
               f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s | {r['flops_per_s'] / 1e9:5.1f} GFLOP/s | "
               f"left {_fmt_s(left)}", flush=True)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cluster.amp import DynamicLossScaler, autocast
+from moe.layer import set_aux_loss_scale
+from moe.stats import finish_step, moe_layers
 
 
 @dataclass
@@ -22,6 +24,8 @@ class StepResult:
     grad_norm: float  # before clipping; inf/nan on an overflowing fp16 step
     skipped: bool  # fp16 overflow: the optimizer did not step
     targets: int  # targets in the global batch
+    aux_loss: float | None = None  # MoE auxiliary losses (weighted, summed over layers), step mean
+    moe: dict | None = None  # per-layer MoE statistics reduced over ranks (moe.stats.finish_step)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -37,11 +41,14 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
 
     Each micro-batch's summed loss is divided by the targets of this rank's whole step, so the
     accumulated gradient is that of the mean over the step whatever the micro-batch split; DDP
-    then averages equal-sized rank shares into the global-batch mean.
+    then averages equal-sized rank shares into the global-batch mean. MoE auxiliary losses get
+    the same weight as their micro-batch's task loss (see moe.losses.attach_aux_loss).
     """
+    layers = moe_layers(model)
     local_targets = sum(task.num_targets(b) for b in micro_batches)
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
+        set_aux_loss_scale(layers, scaler.scale * task.num_targets(batch) / local_targets)
         last = i == len(micro_batches) - 1
         # NOTE: gradients are all-reduced once, on the last micro-batch only.
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -57,9 +64,11 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
         optimizer.step()
     scaler.update(overflow)
     optimizer.zero_grad(set_to_none=True)
+    moe_summary = finish_step(layers, device, update_bias=not overflow)  # once per step, all ranks
     totals = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)]))
     return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
-                      targets=int(totals[1].item()))
+                      targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
+                      moe=moe_summary or None)
 
 
 @torch.no_grad()

@@ -121,10 +121,12 @@ def summarize(run_dir: Path, wall_s: float) -> dict:
     evals = [r for r in records if "val_loss" in r]
     launch = [r for r in records if r.get("event") == "launch_end"]
     last_step = max(losses) if losses else 0
+    aux = {r["step"]: r["aux_loss"] for r in records if "aux_loss" in r}
     return {
         "run_dir": str(run_dir),
         "steps": last_step,
         "final_train_loss": losses.get(last_step),
+        "final_aux_loss": aux.get(last_step),
         "first_val_loss": evals[0]["val_loss"] if evals else None,
         "last_val_loss": evals[-1]["val_loss"] if evals else None,
         "last_val_ppl": evals[-1]["val_ppl"] if evals else None,

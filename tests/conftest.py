@@ -15,6 +15,12 @@ import pytest
 # Set before anything imports ray: it reads the mode at import.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+# Tests use small tensors: one intra-op thread avoids OpenMP spin-waits that make tiny matmuls
+# ~1000x slower whenever another process (a Ray worker, a build) holds the other core.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
 

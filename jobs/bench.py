@@ -1,0 +1,154 @@
+"""Benchmarks that print figures and write JSON (never run as tests).
+
+  python -m jobs.bench moe                       # MoE layer fwd+bwd vs dense SwiGLU, every backend, fp32 CPU
+  python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the prepared GPU check
+  python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
+
+The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
+combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
+the same matmul FLOPs per token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from archs.common import SwiGLU
+from kernels import BackendUnavailable, available_backends
+from moe.config import MoEConfig
+from moe.layer import MoELayer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = {
+    "coarse": dict(tokens=8192, d_model=512, num_experts=8, top_k=2, expert_hidden=1024),
+    "fine": dict(tokens=8192, d_model=512, num_experts=64, top_k=8, expert_hidden=256),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median seconds of forward + backward (+ zeroing grads)."""
+    times = []
+    for i in range(warmup + repeats):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        _sync(x.device)
+        t0 = time.perf_counter()
+        module(x).float().square().mean().backward()
+        _sync(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build_moe(shape: dict, backend: str, device, dtype) -> MoELayer:
+    cfg = MoEConfig(num_experts=shape["num_experts"], top_k=shape["top_k"], expert_hidden=shape["expert_hidden"],
+                    capacity_factor=None, backend=backend)
+    layer = MoELayer(shape["d_model"], cfg)
+    layer.init_weights(0.02, 0.02)
+    return layer.to(device=device, dtype=dtype).train()
+
+
+def bench_moe(args) -> list[dict]:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    backends = args.backends or available_backends(device, dtype)
+    results = []
+    for name in args.shapes:
+        shape = SHAPES[name]
+        torch.manual_seed(0)
+        x = torch.randn(1, shape["tokens"], shape["d_model"], device=device, dtype=dtype, requires_grad=True)
+        dense = SwiGLU(shape["d_model"], shape["top_k"] * shape["expert_hidden"]).to(device=device, dtype=dtype)
+        dense_s = time_fwd_bwd(dense, x, args.repeats, args.warmup)
+        flops = 3 * 2 * 3 * shape["tokens"] * shape["d_model"] * shape["top_k"] * shape["expert_hidden"]
+        results.append(dict(shape=name, backend="dense", seconds=dense_s, tokens_per_s=shape["tokens"] / dense_s,
+                            gflops=flops / dense_s / 1e9, ratio_to_dense=1.0, **shape))
+        for backend in backends:
+            try:
+                layer = build_moe(shape, backend, device, dtype)
+                s = time_fwd_bwd(layer, x, args.repeats, args.warmup)
+            except (BackendUnavailable, ValueError, RuntimeError) as e:
+                print(f"  {name:7s} {backend:12s} skipped: {e}", file=sys.stderr)
+                continue
+            results.append(dict(shape=name, backend=backend, seconds=s, tokens_per_s=shape["tokens"] / s,
+                                gflops=flops / s / 1e9, ratio_to_dense=dense_s / s, **shape))
+            print(f"  {name:7s} {backend:12s} {s * 1e3:8.1f} ms", file=sys.stderr, flush=True)
+    return results
+
+
+def breakdown(args) -> None:
+    """Profile one fwd+bwd per shape with the chosen backend; group self CPU time by stage."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    stages = {"matmul": ("grouped_mm", "mm", "bmm", "addmm", "matmul"),
+              "permutation/combine": ("index", "gather", "scatter", "index_add", "sort", "argsort", "bincount", "cat"),
+              "elementwise": ("silu", "mul", "add", "sigmoid", "softmax", "log", "sum", "mean", "clamp", "div")}
+    for name in args.shapes:
+        shape = SHAPES[name]
+        layer = build_moe(shape, (args.backends or ["auto"])[0], device, dtype)
+        x = torch.randn(1, shape["tokens"], shape["d_model"], device=device, dtype=dtype, requires_grad=True)
+        time_fwd_bwd(layer, x, 1, 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            layer(x).float().square().mean().backward()
+        totals: dict[str, float] = {}
+        for ev in prof.key_averages():
+            key = ev.key.lower().replace("aten::", "")
+            stage = next((s for s, names in stages.items() if any(key == n or key.startswith(n + "_") or
+                                                                   key.startswith("_" + n) for n in names)), "other")
+            totals[stage] = totals.get(stage, 0.0) + ev.self_cpu_time_total / 1e3
+        total = sum(totals.values())
+        print(f"\n{name}: self CPU time by stage ({total:.0f} ms total)")
+        for stage, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+            print(f"  {stage:22s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'shape':8s} {'backend':12s} {'ms':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} {'vs dense':>8s}")
+    for r in results:
+        print(f"{r['shape']:8s} {r['backend']:12s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} "
+              f"{r['gflops']:8.1f} {r['ratio_to_dense']:8.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["moe"], help="what to benchmark")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--backends", nargs="+", default=None, help="default: every backend available here")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--breakdown", action="store_true", help="profile and show where the time goes")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.breakdown:
+        breakdown(args)
+        return 0
+    print(f"MoE layer forward+backward, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}", file=sys.stderr)
+    results = bench_moe(args)
+    print_table(results)
+    if args.out:
+        meta = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                "torch": torch.__version__}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

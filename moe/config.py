@@ -1,0 +1,67 @@
+"""Configuration of one MoE layer (router, capacity, balancing, experts, kernel backend)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from cluster.configio import doc
+
+BACKENDS = ("auto", "loop", "padded", "grouped", "blocksparse", "megablocks")
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = doc("routed experts per MoE layer", 8)
+    top_k: int = doc("experts per token (token-choice routing)", 2)
+    expert_hidden: int = doc("hidden width of each expert's SwiGLU MLP", 256)
+    router: Literal["topk", "expert_choice"] = doc(
+        "token-choice top-k, or expert-choice (each expert takes its top-C tokens; non-causal: training only)", "topk")
+    score_func: Literal["softmax", "sigmoid"] = doc("router score function", "softmax")
+    renormalize: bool = doc("rescale the kept top-k weights to sum to 1 (not for top-1 softmax, whose weight would always be 1)", True)
+    jitter: float = doc("multiplicative uniform jitter on the router input in training (Switch); 0 = off", 0.0)
+    num_groups: int | None = doc("group-limited routing: experts split into this many groups; null = off", None)
+    group_topk: int | None = doc("groups a token may route into (group-limited routing)", None)
+    capacity_factor: float | None = doc(
+        "C = ceil(capacity_factor * T * k / E) per expert over a rank's tokens in training; null = dropless", None)
+    min_capacity: int = doc("lower bound on C", 4)
+    drop_policy: Literal["score", "position"] = doc("which overflowing copies are dropped: lowest score, or latest position", "score")
+    aux_loss_coeff: float = doc("Switch load-balancing loss E * sum_e f_e * P_e (per micro-batch); 0 = off", 1e-2)
+    seq_aux_loss_coeff: float = doc("the same loss per sequence, averaged; 0 = off", 0.0)
+    z_loss_coeff: float = doc("router z-loss mean(logsumexp(logits)^2); 0 = off", 1e-3)
+    bias_update_rate: float = doc("auxiliary-loss-free balancing: per-step sign update of a selection bias; 0 = off", 0.0)
+    shared_expert_hidden: int | None = doc("hidden width of an always-on shared expert (DeepSeek); null = none", None)
+    backend: Literal[BACKENDS] = doc("grouped-GEMM backend for the experts (kernels/); auto = fastest here", "auto")
+
+    def __post_init__(self):
+        E, k = self.num_experts, self.top_k
+        if E < 1 or k < 1:
+            raise ValueError(f"num_experts/top_k: must be >= 1, got {E}/{k}")
+        if k > E:
+            raise ValueError(f"top_k: {k} exceeds num_experts={E}")
+        if self.expert_hidden < 1:
+            raise ValueError(f"expert_hidden: must be >= 1, got {self.expert_hidden}")
+        if (self.num_groups is None) != (self.group_topk is None):
+            raise ValueError("num_groups/group_topk: set both for group-limited routing, or neither")
+        if self.num_groups is not None:
+            if E % self.num_groups:
+                raise ValueError(f"num_groups: {self.num_groups} does not divide num_experts={E}")
+            if not 1 <= self.group_topk <= self.num_groups:
+                raise ValueError(f"group_topk: must be in [1, num_groups={self.num_groups}], got {self.group_topk}")
+            if self.group_topk * (E // self.num_groups) < k:
+                raise ValueError(f"group_topk: {self.group_topk} groups of {E // self.num_groups} experts "
+                                 f"cannot hold top_k={k} choices")
+            if self.router != "topk":
+                raise ValueError("num_groups: group-limited routing applies to router: topk only")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor: must be > 0 or null (dropless), got {self.capacity_factor}")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            raise ValueError("capacity_factor: expert_choice routing needs one (each expert takes C tokens); e.g. 1.0")
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity: must be >= 0, got {self.min_capacity}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter: must be in [0, 1), got {self.jitter}")
+        for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
+            raise ValueError(f"shared_expert_hidden: must be >= 1 or null, got {self.shared_expert_hidden}")

@@ -1,0 +1,54 @@
+"""Dispatch: capacity dropping, permutation into expert-contiguous rows, and the weighted combine.
+
+`LocalDispatcher` does no communication. Expert parallelism replaces it (from `parallel/`)
+with an all-to-all dispatcher that has the same two methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe.router import Routing
+
+
+@dataclass
+class Dispatched:
+    x_MC: torch.Tensor  # kept token copies, sorted by expert
+    group_sizes_E: torch.Tensor  # int64 [E] rows per expert in x_MC
+    token_M: torch.Tensor  # int64 [M] source token of each row
+    weight_M: torch.Tensor  # fp32 [M] combine weight of each row
+    dropped: torch.Tensor  # int64 scalar: copies dropped by capacity
+
+
+def keep_order(routing: Routing, capacity: int | None, drop_policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the assignments, sorted by expert, with capacity overflow removed; and the
+    kept count per expert. Pure index arithmetic: testable without a model."""
+    expert_A, counts_E = routing.expert_A, routing.counts_E
+    if capacity is None or routing.capacity_bounded:
+        return torch.argsort(expert_A, stable=True), counts_E
+    if drop_policy == "score":
+        # Highest score first inside each expert: sort by score, then (stably) by expert.
+        by_score = torch.argsort(routing.priority_A, descending=True, stable=True)
+        order = by_score[torch.argsort(expert_A[by_score], stable=True)]
+    else:  # "position": earlier tokens first; assignments are already in token order
+        order = torch.argsort(expert_A, stable=True)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    rank_in_expert = torch.arange(order.numel(), device=order.device) - start_E[expert_A[order]]
+    return order[rank_in_expert < capacity], counts_E.clamp(max=capacity)
+
+
+class LocalDispatcher:
+    """All experts on this rank."""
+
+    def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
+        order, group_sizes_E = keep_order(routing, capacity, drop_policy)
+        token_M = routing.token_A[order]
+        return Dispatched(x_MC=x_NC[token_M], group_sizes_E=group_sizes_E, token_M=token_M,
+                          weight_M=routing.weight_A[order], dropped=routing.expert_A.numel() - group_sizes_E.sum())
+
+    def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
+        """out[t] = sum over t's kept copies of weight * expert output; dropped copies add nothing."""
+        weighted = y_MC * d.weight_M[:, None].to(y_MC.dtype)
+        out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
+        return out.index_add(0, d.token_M, weighted)

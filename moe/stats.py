@@ -1,0 +1,83 @@
+"""Per-layer MoE statistics: accumulated on the device during a step, reduced once per step.
+
+Every rank reduces one fixed-size tensor ([layers, E + SCALARS]) whatever its layers saw, so a
+rank (or pipeline stage) cannot hang the others. The reduction also drives the bias update of
+auxiliary-loss-free balancing, so every rank applies the same update.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+SCALARS = ("forwards", "tokens", "assignments", "dropped", "entropy_sum", "lb_loss", "seq_lb_loss", "z_loss", "aux_total")
+
+
+class StepStats:
+    """Running sums of one layer for the current step: counts per expert, then SCALARS."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.buf: torch.Tensor | None = None
+
+    def add(self, counts_E: torch.Tensor, tokens: int, dropped: torch.Tensor, probs_NE: torch.Tensor,
+            losses: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            entropy_sum = -(probs_NE * probs_NE.clamp_min(1e-20).log()).sum()
+            zero = entropy_sum.new_zeros(())
+            scalars = torch.stack([
+                torch.ones_like(entropy_sum), torch.full_like(entropy_sum, tokens), counts_E.sum().float(),
+                dropped.float(), entropy_sum, *(losses.get(k, zero).detach().float() for k in SCALARS[5:])])
+            row = torch.cat([counts_E.float(), scalars])
+            self.buf = row if self.buf is None else self.buf + row
+
+    def take(self, device: torch.device) -> torch.Tensor:
+        row = self.buf if self.buf is not None else torch.zeros(self.num_experts + len(SCALARS), device=device)
+        self.buf = None
+        return row
+
+
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    from moe.layer import MoELayer
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool = True,
+                group: dist.ProcessGroup | None = None) -> dict:
+    """Reduce this step's statistics over all ranks, update balancing biases, summarise.
+
+    Returns {"aux_loss": mean total auxiliary loss summed over layers, "layers": [per-layer dict]}.
+    NOTE: one all-reduce and one host sync per step, for all layers together.
+    """
+    if not layers:
+        return {}
+    table = torch.stack([layer.stats.take(device) for layer in layers])  # [L, E + S]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(table, group=group)
+    E = layers[0].stats.num_experts
+    counts_LE = table[:, :E]
+    if update_bias:
+        for layer, counts_E in zip(layers, counts_LE):
+            layer.update_bias(counts_E)
+    rows = table.cpu().tolist()
+    summary = []
+    for layer, row in zip(layers, rows):
+        counts = row[:E]
+        s = dict(zip(SCALARS, row[E:]))
+        fw = max(s["forwards"], 1.0)
+        mean = sum(counts) / E
+        summary.append({
+            "layer": layer.layer_id,
+            "tokens_per_expert": counts,
+            "imbalance": max(counts) / mean if mean else 0.0,
+            "cv": math.sqrt(sum((c - mean) ** 2 for c in counts) / E) / mean if mean else 0.0,
+            "dead_experts": sum(c == 0 for c in counts),
+            "dropped_frac": s["dropped"] / s["assignments"] if s["assignments"] else 0.0,
+            "router_entropy": s["entropy_sum"] / s["tokens"] if s["tokens"] else 0.0,
+            "lb_loss": s["lb_loss"] / fw, "seq_lb_loss": s["seq_lb_loss"] / fw, "z_loss": s["z_loss"] / fw,
+            "aux_loss": s["aux_total"] / fw,
+            "bias": layer.router.expert_bias.tolist() if hasattr(layer.router, "expert_bias") else [],
+        })
+    return {"aux_loss": sum(r["aux_loss"] for r in summary), "layers": summary}
