@@ -18,6 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import checkpoint
 from cluster.config import JobConfig, dump_config
+from cluster.malloc import CACHING_MALLOC_ENV
 from cluster.loop import train_loop_per_worker
 from cluster.tasks import build_task
 
@@ -86,8 +87,10 @@ def fit(job: JobConfig) -> dict:
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             # Train's print patch would send each progress line twice through its logger.
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+                             # Train's print patch would send each progress line twice through its logger;
+                             # CPU workers keep freed activations for reuse (cluster/malloc.py).
+                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                                              **({} if c.use_gpu else CACHING_MALLOC_ENV)}}),
     )
     result = trainer.fit()
     summary = summarize(run_dir, time.perf_counter() - t0)

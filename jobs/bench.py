@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from archs.common import SwiGLU
+from cluster import malloc
 from kernels import BackendUnavailable, available_backends
 from moe.config import MoEConfig
 from moe.layer import MoELayer
@@ -131,19 +132,23 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--breakdown", action="store_true", help="profile and show where the time goes")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default malloc (see cluster/malloc.py; default: the caching settings)")
     args = p.parse_args(argv)
+    if not args.system_malloc and argv is None:
+        malloc.reexec_with_caching_malloc("jobs.bench")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.breakdown:
         breakdown(args)
         return 0
     print(f"MoE layer forward+backward, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}", file=sys.stderr)
+          f"median of {args.repeats}, {'caching' if malloc.active() else 'system'} malloc", file=sys.stderr)
     results = bench_moe(args)
     print_table(results)
     if args.out:
         meta = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
-                "torch": torch.__version__}
+                "torch": torch.__version__, "caching_malloc": malloc.active()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"wrote {args.out}")

@@ -64,6 +64,8 @@ def print_summary(s: dict) -> None:
     print(f"  run dir          {s['run_dir']}")
     print(f"  steps            {s['steps']}")
     print(f"  train loss       {f(s['final_train_loss'], '.4f')}")
+    if s.get("final_aux_loss") is not None:
+        print(f"  MoE aux loss     {f(s['final_aux_loss'], '.4f')}")
     print(f"  val loss         {f(s['first_val_loss'], '.4f')} -> {f(s['last_val_loss'], '.4f')}"
           f"  (ppl {f(s['last_val_ppl'], '.2f')})")
     print(f"  throughput       {f(s['tokens_per_s'], ',.0f')} tokens/s on {s['world_size']} workers")

@@ -44,11 +44,12 @@ class LocalDispatcher:
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
         order, group_sizes_E = keep_order(routing, capacity, drop_policy)
         token_M = routing.token_A[order]
-        return Dispatched(x_MC=x_NC[token_M], group_sizes_E=group_sizes_E, token_M=token_M,
+        # index_select, not x[token_M]: its backward is index_add (~10x faster on CPU than the
+        # accumulating index_put that advanced indexing uses).
+        return Dispatched(x_MC=x_NC.index_select(0, token_M), group_sizes_E=group_sizes_E, token_M=token_M,
                           weight_M=routing.weight_A[order], dropped=routing.expert_A.numel() - group_sizes_E.sum())
 
     def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
-        """out[t] = sum over t's kept copies of weight * expert output; dropped copies add nothing."""
-        weighted = y_MC * d.weight_M[:, None].to(y_MC.dtype)
+        """out[t] = sum of t's kept (already weighted) expert outputs; dropped copies add nothing."""
         out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
-        return out.index_add(0, d.token_M, weighted)
+        return out.index_add(0, d.token_M, y_MC)

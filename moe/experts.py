@@ -8,6 +8,42 @@ import torch.nn.functional as F
 from kernels import grouped_mm
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up [* weight] for h = [gate | up] of shape [M, 2F], optional weights [M].
+
+    One function instead of chunk -> silu -> mul (-> mul): backward writes both halves of dh
+    straight into one buffer (no concatenation), in five passes over [M, F] with weights.
+    """
+
+    @staticmethod
+    def forward(ctx, h_M2F: torch.Tensor, weight_M: torch.Tensor | None) -> torch.Tensor:
+        gate, up = h_M2F.chunk(2, dim=-1)
+        silu = F.silu(gate)
+        su = silu * up
+        ctx.save_for_backward(h_M2F, silu, su if weight_M is not None else None, weight_M)
+        return su if weight_M is None else su * weight_M[:, None].to(su.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_MF: torch.Tensor):
+        h_M2F, silu, su, weight_M = ctx.saved_tensors
+        gate, up = h_M2F.chunk(2, dim=-1)
+        dh = torch.empty_like(h_M2F)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        grad_w = None
+        g = grad_MF
+        if weight_M is not None:
+            if ctx.needs_input_grad[1]:
+                grad_w = torch.linalg.vecdot(grad_MF, su).to(weight_M.dtype)
+            g = grad_MF * weight_M[:, None].to(grad_MF.dtype)
+        torch.mul(g, silu, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
+        return dh, grad_w
+
+
+def swiglu(h_M2F: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.Tensor:
+    return _SwiGLU.apply(h_M2F, weight_M)
+
+
 class GroupedExperts(nn.Module):
     """w13 [E, C, 2F] (gate and up projections fused into one GEMM), w2 [E, F, C].
 
@@ -25,6 +61,14 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w13, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def forward(self, x_MC: torch.Tensor, group_sizes_E: torch.Tensor) -> torch.Tensor:
-        gate_MF, up_MF = grouped_mm(x_MC, self.w13, group_sizes_E, self.backend).chunk(2, dim=-1)
-        return grouped_mm(F.silu(gate_MF) * up_MF, self.w2, group_sizes_E, self.backend)
+    def forward(self, x_MC: torch.Tensor, group_sizes_E: torch.Tensor, weight_M: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert [M, C] -> weight * expert(row) [M, C].
+
+        The routing weight multiplies whichever is narrower: the hidden [M, F] (fine-grained
+        experts, F < C) or the output [M, C]; the product is the same.
+        """
+        h_M2F = grouped_mm(x_MC, self.w13, group_sizes_E, self.backend)
+        if self.hidden <= x_MC.shape[1]:
+            return grouped_mm(swiglu(h_M2F, weight_M), self.w2, group_sizes_E, self.backend)
+        y_MC = grouped_mm(swiglu(h_M2F), self.w2, group_sizes_E, self.backend)
+        return y_MC * weight_M[:, None].to(y_MC.dtype)

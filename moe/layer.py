@@ -39,7 +39,7 @@ class MoELayer(nn.Module):
         routing = self.router(x_NC)
         cap = capacity(B * T, self.cfg) if self.training and self.cfg.capacity_factor is not None else None
         d = self.dispatcher.dispatch(x_NC, routing, cap, self.cfg.drop_policy)
-        y_MC = self.experts(d.x_MC, d.group_sizes_E)
+        y_MC = self.experts(d.x_MC, d.group_sizes_E, d.weight_M)  # routing weight applied inside
         out_NC = self.dispatcher.combine(y_MC, d, B * T)
         if self.shared is not None:
             out_NC = out_NC + self.shared(x_NC)

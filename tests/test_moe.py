@@ -328,3 +328,20 @@ def test_moe_transformer_resumes_exactly_with_balancing_bias(tmp_path):
     torch.testing.assert_close(moe_layers(model2)[0].router.expert_bias, moe_layers(model)[0].router.expert_bias)
     rest = [r.loss for r in train(model2, opt2, sched2, data[3:])]
     np.testing.assert_allclose(first + rest, straight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_swiglu_gradcheck(weighted):
+    from moe.experts import swiglu
+    h = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64, requires_grad=True) if weighted else None
+    assert torch.autograd.gradcheck(lambda h, *w: swiglu(h, *w), (h, *([w] if weighted else [])))
+    ref = F.silu(h[:, :4]) * h[:, 4:] * (w[:, None] if weighted else 1)
+    torch.testing.assert_close(swiglu(h, w), ref)
+
+
+@pytest.mark.parametrize("hidden", [8, 32])  # routing weight on the hidden (F <= C) or on the output
+def test_weight_placement_gives_the_same_layer(hidden):
+    layer = make_layer(expert_hidden=hidden).train()
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(layer(x).view(-1, 16), per_token_reference(layer, x.view(-1, 16)), atol=1e-5, rtol=1e-5)

@@ -88,6 +88,15 @@ def test_resume_onto_another_model_shape_is_refused_before_workers_start(straigh
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if "checkpoint_" in str(p)} == before
 
 
+def test_moe_transformer_trains_on_two_workers(ray_cluster, tiny_data, tmp_path):
+    summary = fit(load_config("moe_debug", debug_overrides(tiny_data, tmp_path, "moe") + ["train.steps=8"]))
+    assert summary["steps"] == 8 and summary["last_val_loss"] < summary["first_val_loss"]
+    assert summary["final_aux_loss"] > 0
+    moe_records = [r for r in read_metrics(tmp_path / "moe") if "moe" in r]
+    assert moe_records and len(moe_records[-1]["moe"]) == 2  # both layers' statistics, reduced over ranks
+    assert sum(moe_records[-1]["moe"][0]["tokens_per_expert"]) == 8 * 64 * 2  # global batch x seq x top-2
+
+
 def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
     """The unchanged job under `ray job submit` (token authentication on) against `ray start --head`."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
