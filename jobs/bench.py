@@ -3,6 +3,7 @@
   python -m jobs.bench moe                       # MoE layer fwd+bwd vs dense SwiGLU, every backend, fp32 CPU
   python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the prepared GPU check
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
+  python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -112,17 +113,57 @@ def breakdown(args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+KERNEL_SHAPES = ((16384, 8, 512, 2048), (65536, 64, 512, 512))  # (rows N, groups G, d_in, d_out)
+
+
+def bench_kernels(args) -> list[dict]:
+    """grouped_mm fwd+bwd per backend (and torch's built-in backward) vs one dense x @ w[0]."""
+    import kernels
+    from kernels import grouped
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for N, G, I, O in KERNEL_SHAPES:
+        sizes = torch.bincount(torch.randint(G, (N,), generator=gen), minlength=G).to(device)
+        x = torch.randn(N, I, generator=gen).to(device, dtype).requires_grad_()
+        w = (torch.randn(G, I, O, generator=gen) / I ** 0.5).to(device, dtype).requires_grad_()
+        cases = {name: (lambda n: lambda: kernels.grouped_mm(x, w, sizes, n))(name)
+                 for name in args.backends or kernels.available_backends(device, dtype)}
+        if "grouped" in cases:
+            cases["grouped_builtin_bwd"] = lambda: grouped.grouped_mm_builtin(x, w, sizes)
+        cases["dense"] = lambda: x @ w[0]
+        flops = 3 * 2 * N * I * O
+        for name, fn in cases.items():
+            times = []
+            for i in range(args.warmup + args.repeats):
+                x.grad = w.grad = None
+                _sync(device)
+                t0 = time.perf_counter()
+                fn().float().sum().backward()
+                _sync(device)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+            sec = statistics.median(times)
+            results.append(dict(shape=f"N={N} G={G} {I}x{O}", backend=name, seconds=sec,
+                                tokens_per_s=N / sec, gflops=flops / sec / 1e9, ratio_to_dense=None))
+        dense = results[-1]["seconds"]
+        for r in results[-len(cases):]:
+            r["ratio_to_dense"] = dense / r["seconds"]
+    return results
+
+
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'shape':8s} {'backend':12s} {'ms':>8s} {'tokens/s':>10s} {'GFLOP/s':>8s} {'vs dense':>8s}")
+    print(f"\n{'shape':22s} {'backend':20s} {'ms':>8s} {'rows/s':>10s} {'GFLOP/s':>8s} {'vs dense':>8s}")
     for r in results:
-        print(f"{r['shape']:8s} {r['backend']:12s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['shape']:22s} {r['backend']:20s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} "
               f"{r['gflops']:8.1f} {r['ratio_to_dense']:8.2f}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["moe"], help="what to benchmark")
+    p.add_argument("what", choices=["moe", "kernels"], help="the MoE layer, or grouped_mm alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -142,9 +183,9 @@ def main(argv=None) -> int:
     if args.breakdown:
         breakdown(args)
         return 0
-    print(f"MoE layer forward+backward, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+    print(f"{args.what} forward+backward, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats}, {'caching' if malloc.active() else 'system'} malloc", file=sys.stderr)
-    results = bench_moe(args)
+    results = bench_moe(args) if args.what == "moe" else bench_kernels(args)
     print_table(results)
     if args.out:
         meta = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
