@@ -61,11 +61,13 @@ def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool
     if update_bias:
         for layer, counts_E in zip(layers, counts_LE):
             layer.update_bias(counts_E)
-    rows = table.cpu().tolist()
+    bias_LE = torch.stack([getattr(layer.router, "expert_bias", torch.zeros(E, device=table.device))
+                           for layer in layers])
+    rows = torch.cat([table, bias_LE.to(table.dtype)], dim=1).cpu().tolist()  # the one host sync
     summary = []
     for layer, row in zip(layers, rows):
         counts = row[:E]
-        s = dict(zip(SCALARS, row[E:]))
+        s = dict(zip(SCALARS, row[E:E + len(SCALARS)]))
         fw = max(s["forwards"], 1.0)
         mean = sum(counts) / E
         summary.append({
@@ -78,6 +80,6 @@ def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool
             "router_entropy": s["entropy_sum"] / s["tokens"] if s["tokens"] else 0.0,
             "lb_loss": s["lb_loss"] / fw, "seq_lb_loss": s["seq_lb_loss"] / fw, "z_loss": s["z_loss"] / fw,
             "aux_loss": s["aux_total"] / fw,
-            "bias": layer.router.expert_bias.tolist() if hasattr(layer.router, "expert_bias") else [],
+            "bias": row[E + len(SCALARS):] if layer.cfg.bias_update_rate > 0 else [],
         })
     return {"aux_loss": sum(r["aux_loss"] for r in summary), "layers": summary}

@@ -345,3 +345,13 @@ def test_weight_placement_gives_the_same_layer(hidden):
     layer = make_layer(expert_hidden=hidden).train()
     x = torch.randn(2, 6, 16)
     torch.testing.assert_close(layer(x).view(-1, 16), per_token_reference(layer, x.view(-1, 16)), atol=1e-5, rtol=1e-5)
+
+
+def test_jitter_perturbs_routing_in_training_only():
+    layer = make_layer(jitter=0.5)
+    x = torch.randn(64, 16)
+    torch.manual_seed(1)
+    train_routes = [layer.train().router(x).expert_A for _ in range(2)]
+    assert not torch.equal(train_routes[0], train_routes[1])
+    eval_routes = [layer.eval().router(x).expert_A for _ in range(2)]
+    assert torch.equal(eval_routes[0], eval_routes[1])
