@@ -49,6 +49,7 @@ def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    split_experts(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not _distributed())
     torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
     if rank == 0:
@@ -85,8 +86,10 @@ def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: in
     path = Path(path)
     check_model(read_meta(path), model_cfg, path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    layout = split_experts(model, model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp_load(state, path, no_dist=not _distributed())
+    merge_experts(layout, state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     rng = path / f"rng_rank{rank}.pt"
@@ -100,8 +103,51 @@ def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> No
     path = Path(path)
     check_model(read_meta(path), model_cfg, path)
     state = {"model": model.state_dict()}
+    layout = split_experts(model, state["model"])
     _dcp_load(state, path, no_dist=True)
+    merge_experts(layout, state["model"])
     model.load_state_dict(state["model"])
+
+
+def _expert_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{expert parameter FQN: (global index of its first local expert, local count)}."""
+    from moe.experts import GroupedExperts
+
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            clean = name.replace("module.", "").replace("_checkpoint_wrapped_module.", "")
+            for param in ("w13", "w2"):
+                layout[f"{clean}.{param}"] = (getattr(module, "expert_offset", 0), module.num_experts)
+    return layout
+
+
+def split_experts(model: nn.Module, model_sd: dict, optim_sd: dict | None = None) -> dict:
+    """Key expert weights (and their optimizer state) by global expert index, in place:
+    `...experts.w13` [E_local, ...] becomes `...experts.w13.expert{g}` per expert. Every layout
+    writes and reads the same keys, so a checkpoint from EP=2 loads at EP=1 and back."""
+    layout = _expert_layout(model)
+    for fqn, (offset, n) in layout.items():
+        t = model_sd.pop(fqn)
+        for j in range(n):
+            model_sd[f"{fqn}.expert{offset + j}"] = t[j]
+        if optim_sd is not None and fqn in optim_sd.get("state", {}):
+            st = optim_sd["state"].pop(fqn)
+            for j in range(n):
+                optim_sd["state"][f"{fqn}.expert{offset + j}"] = {
+                    k: v[j] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in st.items()}
+    return layout
+
+
+def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) -> None:
+    """Inverse of split_experts, after loading into the per-expert entries."""
+    for fqn, (offset, n) in layout.items():
+        keys = [f"{fqn}.expert{offset + j}" for j in range(n)]
+        model_sd[fqn] = torch.stack([model_sd.pop(k) for k in keys])
+        if optim_sd is not None and keys[0] in optim_sd.get("state", {}):
+            parts = [optim_sd["state"].pop(k) for k in keys]
+            optim_sd["state"][fqn] = {k: torch.stack([p[k] for p in parts]) if torch.is_tensor(v) and v.dim() > 0 else v
+                                      for k, v in parts[0].items()}
 
 
 def _dcp_load(state: dict, path: Path, no_dist: bool) -> None:

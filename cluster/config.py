@@ -15,6 +15,7 @@ import yaml
 
 import archs
 from cluster.configio import ConfigError, apply_overrides, check_keys, doc, from_dict, to_dict
+from parallel.mesh import ParallelDims
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
@@ -79,11 +80,15 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int | None = doc("data-parallel degree; null = every worker (the only layout before EP/TP/PP land)", None)
+    dp: int | None = doc("data-parallel degree; null = every worker (tensor/pipeline parallelism are not implemented)", None)
+    ep: int | Literal["auto"] = doc(
+        "expert-parallel degree (divides dp and the number of experts); auto = the largest that does", 1)
 
     def __post_init__(self):
         if self.dp is not None and self.dp < 1:
             raise ValueError(f"dp: must be >= 1 or null, got {self.dp}")
+        if self.ep != "auto" and self.ep < 1:
+            raise ValueError(f"ep: must be >= 1 or 'auto', got {self.ep}")
 
 
 @dataclass
@@ -127,6 +132,10 @@ class JobConfig:
         if self.parallel.dp is not None and self.parallel.dp != world:
             raise ConfigError(f"parallel.dp: {self.parallel.dp} != cluster.num_workers={world}; "
                               "with data parallelism only, dp must equal the number of workers (or be null)")
+        try:
+            ParallelDims.build(world, self.parallel.ep, num_experts(self.model))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if t.global_batch_size % (t.micro_batch_size * world):
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x workers "
@@ -134,9 +143,19 @@ class JobConfig:
         if t.precision == "fp16" and not self.cluster.use_gpu:
             raise ConfigError("train.precision: fp16 needs GPUs (cluster.use_gpu: true); use fp32 or bf16 on CPU")
 
+    def parallel_dims(self, world: int | None = None) -> ParallelDims:
+        """The layout at `world` workers (default: cluster.num_workers)."""
+        return ParallelDims.build(world or self.cluster.num_workers, self.parallel.ep, num_experts(self.model))
+
     @property
     def accumulation_steps(self) -> int:
         return self.train.global_batch_size // (self.train.micro_batch_size * self.cluster.num_workers)
+
+
+def num_experts(model_cfg: Any) -> int | None:
+    """Experts per MoE layer of a model config, or None for a model without MoE layers."""
+    moe = getattr(model_cfg, "moe", None)
+    return moe.num_experts if moe is not None else None
 
 
 def model_from_dict(data: dict | None) -> Any:

@@ -22,6 +22,8 @@ from cluster.optim import build_optimizer, build_scheduler
 from cluster.step import evaluate, train_step
 from cluster.tasks import build_task
 from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
+from parallel.expert_parallel import apply_expert_parallel
+from parallel.mesh import build_groups
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -39,9 +41,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(c.num_threads or max(1, int(c.cpus_per_worker)))
 
     # The model is initialised identically on every rank from the seed (no broadcast needed).
+    groups = build_groups(job.parallel_dims(world), rank)
     torch.manual_seed(t.seed)
     task = build_task(t.task, job.data)
     model = archs.build(job.model).to(device)
+    apply_expert_parallel(model, groups)  # this rank's experts + the all-to-all dispatcher
     optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     scaler = DynamicLossScaler(enabled=t.precision == "fp16")

@@ -5,7 +5,6 @@ Kept apart from the Ray loop so that tests can drive exactly the code that train
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch.nn as nn
 from cluster.amp import DynamicLossScaler, autocast
 from moe.layer import set_aux_loss_scale
 from moe.stats import finish_step, moe_layers
+from parallel.expert_parallel import clip_grad_norm, reduce_expert_grads
 
 
 @dataclass
@@ -57,9 +57,10 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
                 loss, _ = task.loss_sum(model, batch, device)
             scaler.scale_loss(loss / local_targets).backward()
         loss_sum += loss.detach()
+    reduce_expert_grads(model)  # no-op without expert parallelism
     params = [p for p in model.parameters() if p.grad is not None]
     overflow = scaler.unscale_and_check(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf, foreach=True)
+    grad_norm = clip_grad_norm(params, grad_clip)
     if not overflow:
         optimizer.step()
     scaler.update(overflow)

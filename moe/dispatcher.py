@@ -6,6 +6,7 @@ with an all-to-all dispatcher that has the same two methods.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ class Dispatched:
     token_M: torch.Tensor  # int64 [M] source token of each row
     weight_M: torch.Tensor  # fp32 [M] combine weight of each row
     dropped: torch.Tensor  # int64 scalar: copies dropped by capacity
+    ctx: Any = None  # what a communicating dispatcher needs to reverse its exchange in combine
 
 
 def keep_order(routing: Routing, capacity: int | None, drop_policy: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,11 +25,17 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 def apply_data_parallel(model: nn.Module, device: torch.device, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Average gradients over `group` (default: all ranks) with DDP; identity on one rank.
 
-    NOTE: DDP averages every parameter over the whole group; expert parallelism will exclude
-    expert weights and reduce them over their expert-data-parallel group instead.
+    Expert weights sharded by expert parallelism are left out: they are reduced over their
+    expert-data-parallel group by `parallel.expert_parallel.reduce_expert_grads`.
     """
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return model
+    from parallel.expert_parallel import expert_param_names
+
+    # Expert-parallel weights are reduced over their own group (parallel.expert_parallel).
+    ignored = expert_param_names(model)
+    if ignored:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     return DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, process_group=group)
 

@@ -1,0 +1,169 @@
+"""Expert parallelism, applied from outside: shard experts over the EP group, exchange tokens.
+
+`apply_expert_parallel(model, groups)` keeps the experts [r*E/ep, (r+1)*E/ep) of every MoE layer
+on EP rank r and swaps the layer's `LocalDispatcher` for an `AllToAllDispatcher`; the model code
+does not change. Expert gradients are then reduced over the expert-data-parallel group only
+(`reduce_expert_grads`), everything else over all data-parallel ranks (DDP, which ignores them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moe.dispatcher import Dispatched, keep_order
+from moe.router import Routing
+from moe.stats import moe_layers
+from parallel.mesh import ProcessGroups
+
+
+class _AllToAll(torch.autograd.Function):
+    """Differentiable `all_to_all_single` with uneven splits; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_in = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def source_to_expert_major(counts_SJ: torch.Tensor) -> torch.Tensor:
+    """Row permutation that regroups received rows from (source rank, local expert) blocks into
+    (local expert, source rank) blocks, so each local expert's rows are contiguous."""
+    sizes = counts_SJ.reshape(-1)
+    starts_SJ = (torch.cumsum(sizes, 0) - sizes).view_as(counts_SJ)
+    sizes_em, starts_em = counts_SJ.t().reshape(-1), starts_SJ.t().reshape(-1)
+    offsets_em = torch.cumsum(sizes_em, 0) - sizes_em
+    total = int(sizes.sum()) if sizes.numel() else 0
+    within = torch.arange(total, device=counts_SJ.device) - torch.repeat_interleave(offsets_em, sizes_em, output_size=total)
+    return torch.repeat_interleave(starts_em, sizes_em, output_size=total) + within
+
+
+@dataclass
+class _Exchange:
+    in_splits: list[int]  # rows this rank sends to each EP rank
+    out_splits: list[int]  # rows it receives from each
+    unsort: torch.Tensor  # expert-major -> received (source-major) order
+
+
+class AllToAllDispatcher:
+    """Same contract as `LocalDispatcher`, with the experts spread over an EP group.
+
+    dispatch: capacity and sort by global expert (= by destination rank) locally, exchange the
+    counts per expert, then the token rows and their routing weights; regroup the received rows
+    by local expert. combine: the reverse path, then the weighted rows are summed per token.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int):
+        self.group, self.ep, self.local = group, ep_size, num_local_experts
+
+    def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
+        order, sizes_E = keep_order(routing, capacity, drop_policy)
+        token_M = routing.token_A[order]
+        send_SJ = sizes_E.view(self.ep, self.local)
+        recv_SJ = torch.empty_like(send_SJ)
+        dist.all_to_all_single(recv_SJ, send_SJ.contiguous(), group=self.group)
+        # NOTE: host sync: the row counts size the exchange buffers.
+        in_splits, out_splits = torch.stack([send_SJ.sum(1), recv_SJ.sum(1)]).cpu().tolist()
+        x_recv = all_to_all(x_NC.index_select(0, token_M), out_splits, in_splits, self.group)
+        w_recv = all_to_all(routing.weight_A[order], out_splits, in_splits, self.group)
+        perm = source_to_expert_major(recv_SJ)
+        return Dispatched(x_MC=x_recv.index_select(0, perm), group_sizes_E=recv_SJ.sum(0), token_M=token_M,
+                          weight_M=w_recv.index_select(0, perm), dropped=routing.expert_A.numel() - sizes_E.sum(),
+                          ctx=_Exchange(in_splits, out_splits, torch.argsort(perm)))
+
+    def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
+        ex: _Exchange = d.ctx
+        y_back = all_to_all(y_MC.index_select(0, ex.unsort), ex.in_splits, ex.out_splits, self.group)
+        out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
+        return out.index_add(0, d.token_M, y_back)
+
+
+def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> nn.Module:
+    """Keep this rank's slice of every MoE layer's experts and install the all-to-all dispatcher.
+
+    Also tags every expert parameter with how its gradient is reduced (see reduce_expert_grads);
+    with ep == 1 only the tags are set (experts are then reduced like everything else).
+    """
+    dims = groups.dims
+    ep_rank = dims.ep_rank(groups.rank)
+    for layer in moe_layers(model):
+        experts = layer.experts
+        if dims.ep > 1:
+            n = layer.cfg.num_experts // dims.ep
+            keep = slice(ep_rank * n, (ep_rank + 1) * n)
+            experts.w13 = nn.Parameter(experts.w13.detach()[keep].clone())
+            experts.w2 = nn.Parameter(experts.w2.detach()[keep].clone())
+            experts.num_experts, experts.expert_offset = n, ep_rank * n
+            layer.dispatcher = AllToAllDispatcher(groups.ep, dims.ep, n)
+        for p in (experts.w13, experts.w2):
+            p.expert_parallel = dims.ep > 1
+            p.ep_group = groups.ep
+            p.edp_group = groups.edp if dims.edp > 1 else None
+            p.grad_divisor = dims.dp
+    return model
+
+
+def expert_param_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
+
+
+def reduce_expert_grads(model: nn.Module) -> None:
+    """Expert gradients: summed over the expert-data-parallel group, divided by the dp size.
+
+    Under EP each expert's gradient already holds the contributions of every rank of its EP group
+    (the backward exchange brings them), so summing over the EDP group covers all ranks once; the
+    division makes it the mean over ranks like the other parameters. One all-reduce per group.
+    """
+    by_group: dict = {}
+    for p in model.parameters():
+        if getattr(p, "expert_parallel", False) and p.grad is not None:
+            by_group.setdefault(id(p.edp_group), (p.edp_group, p.grad_divisor, []))[2].append(p.grad)
+    for group, divisor, grads in by_group.values():
+        if group is not None:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(new)
+        for g in grads:
+            g.div_(divisor)
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm (then clipped to `max_norm` unless None), expert shards included.
+
+    Under EP each rank holds different experts, so their squared norms are summed over the EP
+    group; every rank then computes the same norm and the same clipping coefficient (a local
+    norm would scale the replicated weights differently on each rank and let them drift apart).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "expert_parallel", False)]
+    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)]
+    sq = grads[0].new_zeros((), dtype=torch.float32)
+    if replicated:
+        sq = sq + torch.stack(torch._foreach_norm(replicated)).float().square().sum()
+    if sharded:
+        sq_sharded = torch.stack(torch._foreach_norm(sharded)).float().square().sum()
+        group = next(p.ep_group for p in params if getattr(p, "expert_parallel", False))
+        dist.all_reduce(sq_sharded, group=group)
+        sq = sq + sq_sharded
+    norm = sq.sqrt()
+    if max_norm is not None:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return norm
