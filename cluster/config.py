@@ -94,7 +94,8 @@ class ParallelConfig:
 @dataclass
 class ClusterConfig:
     address: str | None = doc("Ray address; null = RAY_ADDRESS / the job's cluster, else an embedded local Ray", None)
-    num_workers: int = doc("Ray Train workers (one per GPU, or per CPU slot)", 2)
+    num_workers: int = doc("Ray Train workers (one per GPU, or per CPU slot); the maximum of an elastic range", 2)
+    min_workers: int | None = doc("elastic training: run on any worker count in [min_workers, num_workers]; null = fixed", None)
     use_gpu: bool = doc("one GPU per worker, NCCL; false = CPU workers, gloo", False)
     cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
     storage_path: str = doc("where runs live (shared storage on a multi-node cluster)", "runs")
@@ -106,6 +107,8 @@ class ClusterConfig:
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise ValueError(f"min_workers: must be in [1, num_workers={self.num_workers}], got {self.min_workers}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
@@ -128,20 +131,27 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self):
-        world, t = self.cluster.num_workers, self.train
-        if self.parallel.dp is not None and self.parallel.dp != world:
-            raise ConfigError(f"parallel.dp: {self.parallel.dp} != cluster.num_workers={world}; "
+        t, c = self.train, self.cluster
+        if self.parallel.dp is not None and (self.parallel.dp != c.num_workers or c.min_workers is not None):
+            raise ConfigError(f"parallel.dp: {self.parallel.dp} != cluster.num_workers={c.num_workers}; "
                               "with data parallelism only, dp must equal the number of workers (or be null)")
-        try:
-            ParallelDims.build(world, self.parallel.ep, num_experts(self.model))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if t.global_batch_size % (t.micro_batch_size * world):
-            raise ConfigError(
-                f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x workers "
-                f"= {t.micro_batch_size} x {world}; use a multiple of {t.micro_batch_size * world}")
+        for world in self.world_sizes:  # every size an elastic run may see, before any worker starts
+            at = f" (at {world} workers of the elastic range {c.min_workers}..{c.num_workers})" if c.min_workers else ""
+            try:
+                ParallelDims.build(world, self.parallel.ep, num_experts(self.model))
+            except ValueError as e:
+                raise ConfigError(f"{e}{at}") from None
+            if t.global_batch_size % (t.micro_batch_size * world):
+                raise ConfigError(
+                    f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x workers "
+                    f"= {t.micro_batch_size} x {world}{at}; use a multiple of {t.micro_batch_size * world}")
         if t.precision == "fp16" and not self.cluster.use_gpu:
             raise ConfigError("train.precision: fp16 needs GPUs (cluster.use_gpu: true); use fp32 or bf16 on CPU")
+
+    @property
+    def world_sizes(self) -> list[int]:
+        c = self.cluster
+        return list(range(c.min_workers or c.num_workers, c.num_workers + 1))
 
     def parallel_dims(self, world: int | None = None) -> ParallelDims:
         """The layout at `world` workers (default: cluster.num_workers)."""

@@ -4,6 +4,7 @@
   python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the prepared GPU check
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
+  python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -113,6 +114,72 @@ def breakdown(args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+EP_SHAPE = dict(tokens=8192, d_model=512, num_experts=8, top_k=2, expert_hidden=1024)
+
+
+def _ep_worker(rank: int, world: int, port: int, args, out: str) -> None:
+    """One of `world` gloo ranks: time the EP layer fwd+bwd and the exchange inside it."""
+    import os
+
+    import torch.distributed as dist
+
+    from parallel.expert_parallel import ExchangeTimer, apply_expert_parallel
+    from parallel.mesh import ParallelDims, build_groups
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    s = EP_SHAPE
+    torch.manual_seed(0)
+    layer = build_moe(s, "auto", "cpu", torch.float32)
+    apply_expert_parallel(layer, build_groups(ParallelDims.build(world, world, s["num_experts"]), rank))
+    timer = ExchangeTimer()
+    layer.dispatcher.timer = timer
+    torch.manual_seed(1 + rank)  # each rank its own tokens
+    x = torch.randn(1, s["tokens"], s["d_model"], requires_grad=True)
+    time_fwd_bwd(layer, x, 1, 1)  # warm-up
+    timer.seconds = 0.0
+    total = time_fwd_bwd(layer, x, args.repeats, 0) * args.repeats  # median x n ~ the timed span
+    torch.save({"seconds": total / args.repeats, "exchange": timer.seconds / args.repeats}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def bench_ep(args) -> list[dict]:
+    """EP=2 on 2 gloo processes (1 thread each) vs the unsharded layer on one process (1 thread),
+    both with 8192 tokens per worker. The exchange share counts the counts and token exchanges
+    of dispatch and combine, forward and backward."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    s, world = EP_SHAPE, 2
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    single = build_moe(s, "auto", "cpu", torch.float32)
+    x = torch.randn(1, s["tokens"], s["d_model"], requires_grad=True)
+    single_s = time_fwd_bwd(single, x, args.repeats, args.warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_ep_worker, args=(world, _free_port(), args, tmp), nprocs=world, start_method="spawn")
+        ranks = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
+    ep_s = max(r["seconds"] for r in ranks)
+    exchange = max(r["exchange"] for r in ranks)
+    common = dict(shape="T=8192/worker d=512 E=8 k=2 F=1024", ratio_to_dense=None, gflops=None)
+    return [
+        dict(name="single_process", backend="local", seconds=single_s, tokens_per_s=s["tokens"] / single_s,
+             exchange_share=0.0, **common),
+        dict(name="ep2_gloo", backend="all_to_all", seconds=ep_s, tokens_per_s=s["tokens"] / ep_s,
+             exchange_share=exchange / ep_s, exchange_s=exchange, **common),
+    ]
+
+
 KERNEL_SHAPES = ((16384, 8, 512, 2048), (65536, 64, 512, 512))  # (rows N, groups G, d_in, d_out)
 
 
@@ -163,7 +230,8 @@ def print_table(results: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["moe", "kernels"], help="the MoE layer, or grouped_mm alone")
+    p.add_argument("what", choices=["moe", "kernels", "ep"],
+                   help="the MoE layer, grouped_mm alone, or the layer under expert parallelism")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -183,10 +251,16 @@ def main(argv=None) -> int:
     if args.breakdown:
         breakdown(args)
         return 0
-    print(f"{args.what} forward+backward, {args.device} {args.dtype}, {torch.get_num_threads()} threads, "
+    threads = 1 if args.what == "ep" else torch.get_num_threads()
+    print(f"{args.what} forward+backward, {args.device} {args.dtype}, {threads} thread(s) per process, "
           f"median of {args.repeats}, {'caching' if malloc.active() else 'system'} malloc", file=sys.stderr)
-    results = bench_moe(args) if args.what == "moe" else bench_kernels(args)
-    print_table(results)
+    results = {"moe": bench_moe, "kernels": bench_kernels, "ep": bench_ep}[args.what](args)
+    if args.what == "ep":
+        print(f"\n{'case':16s} {'ms':>8s} {'tokens/s/worker':>16s} {'exchange':>9s}")
+        for r in results:
+            print(f"{r['name']:16s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:16.0f} {100 * r['exchange_share']:8.1f}%")
+    else:
+        print_table(results)
     if args.out:
         meta = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                 "torch": torch.__version__, "caching_malloc": malloc.active()}

@@ -7,6 +7,7 @@ does not change. Expert gradients are then reduced over the expert-data-parallel
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,25 +20,51 @@ from moe.stats import moe_layers
 from parallel.mesh import ProcessGroups
 
 
+class ExchangeTimer:
+    """Wall time spent inside the exchanges (both directions), for `python -m jobs.bench ep`.
+
+    NOTE: on CUDA the collectives are asynchronous; the timer synchronises the device around them,
+    which serialises the exchange with compute, so it is for measurement runs only.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def run(self, fn):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - t0
+
+
+def _exchange(out, x, out_splits, in_splits, group, timer: ExchangeTimer | None) -> None:
+    call = lambda: dist.all_to_all_single(out, x, out_splits, in_splits, group=group)  # noqa: E731
+    timer.run(call) if timer is not None else call()
+
+
 class _AllToAll(torch.autograd.Function):
     """Differentiable `all_to_all_single` with uneven splits; backward is the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
-        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, timer):
+        ctx.out_splits, ctx.in_splits, ctx.group, ctx.timer = out_splits, in_splits, group, timer
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _exchange(out, x.contiguous(), out_splits, in_splits, group, timer)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad_in = grad.new_empty((sum(ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None
+        _exchange(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, ctx.group, ctx.timer)
+        return grad_in, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group,
+               timer: ExchangeTimer | None = None) -> torch.Tensor:
+    return _AllToAll.apply(x, out_splits, in_splits, group, timer)
 
 
 def source_to_expert_major(counts_SJ: torch.Tensor) -> torch.Tensor:
@@ -69,17 +96,18 @@ class AllToAllDispatcher:
 
     def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int):
         self.group, self.ep, self.local = group, ep_size, num_local_experts
+        self.timer: ExchangeTimer | None = None  # set by benchmarks
 
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
         order, sizes_E = keep_order(routing, capacity, drop_policy)
         token_M = routing.token_A[order]
         send_SJ = sizes_E.view(self.ep, self.local)
         recv_SJ = torch.empty_like(send_SJ)
-        dist.all_to_all_single(recv_SJ, send_SJ.contiguous(), group=self.group)
+        _exchange(recv_SJ, send_SJ.contiguous(), None, None, self.group, self.timer)  # one row per rank
         # NOTE: host sync: the row counts size the exchange buffers.
         in_splits, out_splits = torch.stack([send_SJ.sum(1), recv_SJ.sum(1)]).cpu().tolist()
-        x_recv = all_to_all(x_NC.index_select(0, token_M), out_splits, in_splits, self.group)
-        w_recv = all_to_all(routing.weight_A[order], out_splits, in_splits, self.group)
+        x_recv = all_to_all(x_NC.index_select(0, token_M), out_splits, in_splits, self.group, self.timer)
+        w_recv = all_to_all(routing.weight_A[order], out_splits, in_splits, self.group, self.timer)
         perm = source_to_expert_major(recv_SJ)
         return Dispatched(x_MC=x_recv.index_select(0, perm), group_sizes_E=recv_SJ.sum(0), token_M=token_M,
                           weight_M=w_recv.index_select(0, perm), dropped=routing.expert_A.numel() - sizes_E.sum(),
@@ -87,7 +115,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
         ex: _Exchange = d.ctx
-        y_back = all_to_all(y_MC.index_select(0, ex.unsort), ex.in_splits, ex.out_splits, self.group)
+        y_back = all_to_all(y_MC.index_select(0, ex.unsort), ex.in_splits, ex.out_splits, self.group, self.timer)
         out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
         return out.index_add(0, d.token_M, y_back)
 

@@ -93,3 +93,17 @@ def test_train_cli_print_config():
 
 def test_job_config_default_is_valid():
     assert JobConfig().model.arch == "transformer"
+
+
+def test_expert_parallel_layout_is_checked_at_every_elastic_size():
+    base = ["cluster.num_workers=2", "train.global_batch_size=4", "train.micro_batch_size=1"]
+    assert load_config("moe_debug", base + ["parallel.ep=2"]).parallel_dims().ep == 2
+    with pytest.raises(ConfigError, match=r"parallel.ep: 2 does not divide the data-parallel size 1.*"
+                                          r"at 1 workers of the elastic range 1..2"):
+        load_config("moe_debug", base + ["parallel.ep=2", "cluster.min_workers=1"])
+    cfg = load_config("moe_debug", base + ["parallel.ep=auto", "cluster.min_workers=1"])
+    assert [cfg.parallel_dims(w).ep for w in cfg.world_sizes] == [1, 2]  # the policy fits each size
+    with pytest.raises(ConfigError, match=r"parallel.ep: 3 does not divide model.moe.num_experts=4"):
+        load_config("moe_debug", ["cluster.num_workers=3", "train.global_batch_size=6", "parallel.ep=3"])
+    with pytest.raises(ConfigError, match=r"parallel.ep: 2 needs a model with MoE layers"):
+        load_config("debug", ["parallel.ep=2"])

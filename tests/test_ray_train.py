@@ -88,8 +88,8 @@ def test_resume_onto_another_model_shape_is_refused_before_workers_start(straigh
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if "checkpoint_" in str(p)} == before
 
 
-def test_moe_transformer_trains_on_two_workers(ray_cluster, tiny_data, tmp_path):
-    summary = fit(load_config("moe_debug", debug_overrides(tiny_data, tmp_path, "moe") + ["train.steps=8"]))
+def test_moe_transformer_trains_with_expert_parallelism_on_two_workers(ray_cluster, tiny_data, tmp_path):
+    summary = fit(load_config("moe_debug", debug_overrides(tiny_data, tmp_path, "moe") + ["train.steps=8", "parallel.ep=2"]))
     assert summary["steps"] == 8 and summary["last_val_loss"] < summary["first_val_loss"]
     assert summary["final_aux_loss"] > 0
     moe_records = [r for r in read_metrics(tmp_path / "moe") if "moe" in r]
