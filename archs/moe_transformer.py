@@ -52,9 +52,9 @@ class MoETransformer(Transformer):
         total = super().flops_per_token(seq_len)
         m = self.cfg.moe
         for i in self.cfg.moe_layer_ids:
-            experts = self.layers[str(i)].mlp.experts
-            per_expert = (experts.w13.numel() + experts.w2.numel()) / m.num_experts
-            total -= 6 * per_expert * (m.num_experts - m.top_k)  # counted for all experts above
+            experts = self.layers[str(i)].mlp.experts  # this rank's experts (all, without EP)
+            per_expert = experts.w13[0].numel() + experts.w2[0].numel()
+            total -= 6 * per_expert * (experts.num_experts - m.top_k)  # counted for every held expert above
         return total
 
 

@@ -40,8 +40,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device = torch.device("cpu")
     torch.set_num_threads(c.num_threads or max(1, int(c.cpus_per_worker)))
 
-    # The model is initialised identically on every rank from the seed (no broadcast needed).
     groups = build_groups(job.parallel_dims(world), rank)
+    # The model is initialised identically on every rank from the seed (no broadcast needed).
     torch.manual_seed(t.seed)
     task = build_task(t.task, job.data)
     model = archs.build(job.model).to(device)
@@ -105,9 +105,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             record.update(tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, **last_eval)
             log.progress(record, stop, t.steps, time.perf_counter() - t_start, step - start_step)
             window_t, window_steps = time.perf_counter(), 0
-        ckpt_now = step % t.checkpoint_interval == 0 or step == stop
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
-        if ckpt_now:
+        if step % t.checkpoint_interval == 0 or step == stop:
+            metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             train_state = {"step": step, "samples": step * t.global_batch_size,
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
             with tempfile.TemporaryDirectory(prefix="raymoe-ckpt-") as tmp:

@@ -355,3 +355,17 @@ def test_jitter_perturbs_routing_in_training_only():
     assert not torch.equal(train_routes[0], train_routes[1])
     eval_routes = [layer.eval().router(x).expert_A for _ in range(2)]
     assert torch.equal(eval_routes[0], eval_routes[1])
+
+
+def test_flops_per_token_counts_active_experts_only():
+    model, cfg = moe_model()
+    all_params = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * cfg.d_model * cfg.moe.expert_hidden
+    without = model.flops_per_token(64)
+    for layer in moe_layers(model):  # as if EP kept 2 of the 4 experts: the active FLOPs do not change
+        layer.experts.w13 = torch.nn.Parameter(layer.experts.w13[:2])
+        layer.experts.w2 = torch.nn.Parameter(layer.experts.w2[:2])
+        layer.experts.num_experts = 2
+    assert model.flops_per_token(64) == without
+    assert without < 6 * all_params + 12 * cfg.n_layers * cfg.d_model * 64  # not every expert is active
+    assert without > 6 * cfg.moe.top_k * per_expert * len(cfg.moe_layer_ids)
