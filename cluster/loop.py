@@ -71,6 +71,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, rank, world)
     log = _Logger(run_dir, rank, job.metrics.jsonl)
     stop = t.stop_at_step or t.steps
+    moe = getattr(job.model, "moe", None)
+    moe_layout = (job.model.moe_layer_ids, moe.num_experts) if moe is not None else None
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len
     flops_per_token = model.flops_per_token(batches.dataset.seq_len)
 
@@ -84,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_t, window_steps = time.perf_counter(), 0
     while step < stop:
         result = train_step(ddp_model, task, batches.batches_for_step(step * t.global_batch_size),
-                            optimizer, scaler, t.precision, device, t.grad_clip)
+                            optimizer, scaler, t.precision, device, t.grad_clip, moe_layout)
         scheduler.step()
         step += 1
         window_steps += 1

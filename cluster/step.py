@@ -36,13 +36,15 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimizer: torch.optim.Optimizer,
                scaler: DynamicLossScaler, precision: str, device: torch.device,
-               grad_clip: float | None) -> StepResult:
+               grad_clip: float | None, moe_layout: tuple[list[int], int] | None = None) -> StepResult:
     """Forward/backward every micro-batch, then (unless fp16 overflowed) clip and step.
 
     Each micro-batch's summed loss is divided by the targets of this rank's whole step, so the
     accumulated gradient is that of the mean over the step whatever the micro-batch split; DDP
     then averages equal-sized rank shares into the global-batch mean. MoE auxiliary losses get
     the same weight as their micro-batch's task loss (see moe.losses.attach_aux_loss).
+    `moe_layout` = (every MoE layer id of the model, experts per layer) fixes the shape of the
+    statistics reduction even on a rank that holds none of them.
     """
     layers = moe_layers(model)
     local_targets = sum(task.num_targets(b) for b in micro_batches)
@@ -65,7 +67,9 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
         optimizer.step()
     scaler.update(overflow)
     optimizer.zero_grad(set_to_none=True)
-    moe_summary = finish_step(layers, device, update_bias=not overflow)  # once per step, all ranks
+    ids, num_experts = moe_layout or (None, None)
+    moe_summary = finish_step(layers, device, update_bias=not overflow, layer_ids=ids,
+                              num_experts=num_experts)  # once per step, on every rank
     totals = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)]))
     return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
                       targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),

@@ -45,33 +45,42 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool = True,
-                group: dist.ProcessGroup | None = None) -> dict:
+                group: dist.ProcessGroup | None = None, layer_ids: list[int] | None = None,
+                num_experts: int | None = None) -> dict:
     """Reduce this step's statistics over all ranks, update balancing biases, summarise.
 
+    `layer_ids` (every MoE layer of the whole model) and `num_experts` fix the shape of the
+    reduced tensor, so a rank that holds only some of the layers, or none (a pipeline stage),
+    still takes part and nobody hangs; by default they come from `layers`.
     Returns {"aux_loss": mean total auxiliary loss summed over layers, "layers": [per-layer dict]}.
     NOTE: one all-reduce and one host sync per step, for all layers together.
     """
-    if not layers:
+    held = {layer.layer_id: layer for layer in layers}
+    ids = sorted(layer_ids) if layer_ids is not None else sorted(held)
+    if not ids:
         return {}
-    table = torch.stack([layer.stats.take(device) for layer in layers])  # [L, E + S]
+    E = num_experts if num_experts is not None else layers[0].stats.num_experts
+    width = E + len(SCALARS)
+    table = torch.stack([held[i].stats.take(device) if i in held else torch.zeros(width, device=device)
+                         for i in ids])  # [L, E + S]
     if dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(table, group=group)
-    E = layers[0].stats.num_experts
-    counts_LE = table[:, :E]
     if update_bias:
-        for layer, counts_E in zip(layers, counts_LE):
-            layer.update_bias(counts_E)
-    bias_LE = torch.stack([getattr(layer.router, "expert_bias", torch.zeros(E, device=table.device))
-                           for layer in layers])
+        for i, counts_E in zip(ids, table[:, :E]):
+            if i in held:
+                held[i].update_bias(counts_E)
+    bias_LE = torch.stack([held[i].router.expert_bias if i in held and hasattr(held[i].router, "expert_bias")
+                           else torch.zeros(E, device=table.device) for i in ids])
     rows = torch.cat([table, bias_LE.to(table.dtype)], dim=1).cpu().tolist()  # the one host sync
     summary = []
-    for layer, row in zip(layers, rows):
+    for i, row in zip(ids, rows):
         counts = row[:E]
         s = dict(zip(SCALARS, row[E:E + len(SCALARS)]))
         fw = max(s["forwards"], 1.0)
         mean = sum(counts) / E
+        has_bias = i in held and held[i].cfg.bias_update_rate > 0
         summary.append({
-            "layer": layer.layer_id,
+            "layer": i,
             "tokens_per_expert": counts,
             "imbalance": max(counts) / mean if mean else 0.0,
             "cv": math.sqrt(sum((c - mean) ** 2 for c in counts) / E) / mean if mean else 0.0,
@@ -80,6 +89,6 @@ def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool
             "router_entropy": s["entropy_sum"] / s["tokens"] if s["tokens"] else 0.0,
             "lb_loss": s["lb_loss"] / fw, "seq_lb_loss": s["seq_lb_loss"] / fw, "z_loss": s["z_loss"] / fw,
             "aux_loss": s["aux_total"] / fw,
-            "bias": row[E + len(SCALARS):] if layer.cfg.bias_update_rate > 0 else [],
+            "bias": row[E + len(SCALARS):] if has_bias else [],
         })
     return {"aux_loss": sum(r["aux_loss"] for r in summary), "layers": summary}

@@ -5,6 +5,7 @@ and the auxiliary losses are per micro-batch) and averages the gradients: exactl
 over the ranks' batches as micro-batches.
 """
 import os
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -39,7 +40,8 @@ def spawn(fn, world, *args):
 
 def _entry(rank, fn, world, port, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # Short timeout: when a collective fails on one rank the others would otherwise wait 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
     torch.set_num_threads(1)
     try:
         fn(rank, world, *args)
@@ -204,3 +206,24 @@ def test_checkpoint_reshards_between_ep1_and_ep2(tmp_path):
     tail = [train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
             for s in range(6, 9)]
     np.testing.assert_allclose(ep_losses + tail, straight[3:], rtol=0, atol=1e-4)
+
+
+def _stats_worker(rank, world, out):
+    from moe.layer import MoELayer
+    from moe.stats import finish_step
+    torch.manual_seed(0)
+    layers = [MoELayer(8, MoEConfig(num_experts=4, top_k=2, expert_hidden=8, bias_update_rate=1e-2), layer_id=i)
+              for i in (1, 3)]
+    held = layers if rank == 0 else []  # rank 1 holds no MoE layer (e.g. a pipeline stage)
+    for layer in held:
+        layer.train()(torch.randn(1, 6, 8))
+    summary = finish_step(held, CPU, layer_ids=[1, 3], num_experts=4)
+    torch.save(summary, f"{out}/rank{rank}.pt")
+
+
+def test_statistics_reduction_has_a_fixed_shape_on_ranks_without_moe_layers(tmp_path):
+    spawn(_stats_worker, 2, str(tmp_path))  # would hang if rank 1 skipped the all-reduce
+    s0, s1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert [layer["layer"] for layer in s1["layers"]] == [1, 3]
+    assert [layer["tokens_per_expert"] for layer in s1["layers"]] == [layer["tokens_per_expert"] for layer in s0["layers"]]
+    assert sum(s0["layers"][0]["tokens_per_expert"]) == 12

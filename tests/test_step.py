@@ -1,5 +1,6 @@
 """The training step: accumulation, fp16 loss scaling, data-parallel equivalence (gloo, 2 ranks)."""
 import os
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def _ddp_worker(rank, world, port, batches, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
     try:
         torch.set_num_threads(1)
         model = make_model()
