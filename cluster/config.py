@@ -118,6 +118,21 @@ class ClusterConfig:
 @dataclass
 class MetricsConfig:
     jsonl: bool = doc("append per-step metrics to RUN_DIR/metrics.jsonl (rank 0)", True)
+    prometheus: bool = doc("serve raymoe_* series on /metrics from rank 0 (prometheus-client)", True)
+    host: str = doc("exporter bind address; keep 127.0.0.1 unless a remote Prometheus must scrape it", "127.0.0.1")
+    port: int = doc("exporter port; 0 = a free one (printed, and written to the file_sd target file)", 0)
+    file_sd_dir: str | None = doc("where the Prometheus file_sd target file goes; null = STORAGE/prometheus_targets", None)
+    expert_series_limit: int = doc("export per-expert token series while layers x experts <= this (cardinality bound)", 256)
+    linger_s: float = doc("at the end, keep serving up to this long until the final values were scraped", 0.0)
+    peak_flops: float | None = doc("peak FLOP/s of one worker for MFU; null = measured once at start (matmul)", None)
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: must be in [0, 65535], got {self.port}")
+        if self.expert_series_limit < 0 or self.linger_s < 0:
+            raise ValueError("expert_series_limit/linger_s: must be >= 0")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ValueError(f"peak_flops: must be > 0 or null, got {self.peak_flops}")
 
 
 @dataclass

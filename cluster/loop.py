@@ -5,7 +5,6 @@ is one, then step -> log -> evaluate -> checkpoint until the run (or this launch
 """
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import time
@@ -18,6 +17,7 @@ import archs
 from cluster import checkpoint
 from cluster.amp import DynamicLossScaler
 from cluster.config import JobConfig
+from cluster.metrics import build_metrics, measure_peak_flops
 from cluster.optim import build_optimizer, build_scheduler
 from cluster.step import evaluate, train_step
 from cluster.tasks import build_task
@@ -69,7 +69,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     batches = task.train_batches(t.global_batch_size, t.micro_batch_size, rank, world, t.seed)
     eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, rank, world)
-    log = _Logger(run_dir, rank, job.metrics.jsonl)
+    log = build_metrics(job.metrics, c.run_name, run_dir, Path(loop_config["storage"]), rank)
+    timers = _exchange_timers(model, device)
+    peak = job.metrics.peak_flops or (measure_peak_flops(device) if rank == 0 else 0.0)
     stop = t.stop_at_step or t.steps
     moe = getattr(job.model, "moe", None)
     moe_layout = (job.model.moe_layer_ids, moe.num_experts) if moe is not None else None
@@ -78,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def run_eval() -> dict:
         metrics = task.eval_metrics(evaluate(ddp_model, task, eval_set, t.precision, device))
-        log.write({"step": step, **metrics})
+        log.log(metrics, step)
         return metrics
 
     last_eval = run_eval() if step == 0 else {}
@@ -92,20 +94,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window_steps += 1
         record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                   "lr": scheduler.get_last_lr()[0], "skipped": result.skipped, "samples": step * t.global_batch_size}
-        if scaler.enabled:
-            record["loss_scale"] = scaler.scale
+        record["loss_scale"] = scaler.scale  # 1.0 unless fp16
         if result.aux_loss is not None:
             record["aux_loss"] = result.aux_loss
-            if step % t.log_interval == 0 or step == stop:
-                record["moe"] = result.moe["layers"]
-        log.write(record)
-        if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
-            last_eval = run_eval()
-        if step % t.log_interval == 0 or step == stop:
+        log_now = step % t.log_interval == 0 or step == stop
+        if log_now:  # window figures and MoE statistics once per logging interval
             elapsed = time.perf_counter() - window_t
             tok_s = window_steps * tokens_per_step / elapsed
-            record.update(tokens_per_s=tok_s, flops_per_s=tok_s * flops_per_token, **last_eval)
-            log.progress(record, stop, t.steps, time.perf_counter() - t_start, step - start_step)
+            record.update(tokens_per_s=tok_s, step_time_s=elapsed / window_steps, flops_per_s=tok_s * flops_per_token)
+            if peak:
+                record["mfu"] = tok_s * flops_per_token / (world * peak)
+            if result.moe:
+                record["moe"] = result.moe["layers"]
+                for stats, timer in zip(record["moe"], timers):
+                    stats["a2a_s"], timer.seconds = timer.seconds / window_steps, 0.0
+        log.log(record, step)
+        if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
+            last_eval = run_eval()
+        if log_now:
+            if rank == 0:
+                print_progress({**record, **last_eval}, stop, t.steps, time.perf_counter() - t_start, step - start_step)
             window_t, window_steps = time.perf_counter(), 0
         if step % t.checkpoint_interval == 0 or step == stop:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
@@ -119,9 +127,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # controller to poll (~1 s); per-step metrics go to metrics.jsonl and the progress line.
     wall = time.perf_counter() - t_start
     done = step - start_step
-    if rank == 0 and done:
-        log.write({"event": "launch_end", "step": step, "steps_this_launch": done, "train_s": wall,
-                   "tokens_per_s": done * tokens_per_step / wall, "world_size": world})
+    if done:
+        log.log({"event": "launch_end", "steps_this_launch": done, "train_s": wall,
+                 "tokens_per_s": done * tokens_per_step / wall, "world_size": world}, step)
+    log.close()
+
+
+def _exchange_timers(model, device) -> list:
+    """Time the expert-parallel exchange of each MoE layer (CPU only: on CUDA the timer would
+    synchronise the stream). Layers without EP get a timer that stays at zero."""
+    from moe.stats import moe_layers
+    from parallel.expert_parallel import ExchangeTimer
+
+    timers = []
+    for layer in moe_layers(model):
+        timer = ExchangeTimer()
+        if device.type == "cpu" and hasattr(layer.dispatcher, "timer"):
+            layer.dispatcher.timer = timer
+        timers.append(timer)
+    return timers
 
 
 def _quiet_ray_train_reports() -> None:
@@ -134,30 +158,16 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
-class _Logger:
-    """Rank 0 appends JSON lines to RUN_DIR/metrics.jsonl and prints progress lines."""
-
-    def __init__(self, run_dir: Path, rank: int, jsonl: bool):
-        self.rank = rank
-        self.path = run_dir / "metrics.jsonl" if jsonl and rank == 0 else None
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"time": time.time(), **record}) + "\n")
-
-    def progress(self, r: dict, stop: int, total: int, elapsed: float, done: int) -> None:
-        if self.rank != 0:
-            return
-        left = elapsed / max(done, 1) * (stop - r["step"])
-        val = f" | val {r['val_loss']:.3f}" if "val_loss" in r else ""
-        if "moe" in r:
-            worst = max(r["moe"], key=lambda s: s["imbalance"])
-            val += (f" | aux {r['aux_loss']:.4f} | imbalance {worst['imbalance']:.2f}"
-                    f" | dropped {100 * sum(s['dropped_frac'] for s in r['moe']) / len(r['moe']):.1f}%")
-        print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
-              f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s | {r['flops_per_s'] / 1e9:5.1f} GFLOP/s | "
-              f"left {_fmt_s(left)}", flush=True)
+def print_progress(r: dict, stop: int, total: int, elapsed: float, done: int) -> None:
+    left = elapsed / max(done, 1) * (stop - r["step"])
+    val = f" | val {r['val_loss']:.3f}" if "val_loss" in r else ""
+    if "moe" in r:
+        worst = max(r["moe"], key=lambda s: s["imbalance"])
+        val += (f" | aux {r['aux_loss']:.4f} | imbalance {worst['imbalance']:.2f}"
+                f" | dropped {100 * sum(s['dropped_frac'] for s in r['moe']) / len(r['moe']):.1f}%")
+    mfu = f" | MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""
+    print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
+          f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s{mfu} | left {_fmt_s(left)}", flush=True)
 
 
 def _fmt_s(s: float) -> str:

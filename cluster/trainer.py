@@ -80,7 +80,7 @@ def fit(job: JobConfig) -> dict:
     c = job.cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run_dir": str(run_dir)},
+        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": str(storage)},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(c.min_workers, c.num_workers) if c.min_workers else c.num_workers,
                                      use_gpu=c.use_gpu,

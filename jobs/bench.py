@@ -5,6 +5,7 @@
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
+  python -m jobs.bench metrics                   # step time of the moe_small model with and without metrics
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -180,6 +181,59 @@ def bench_ep(args) -> list[dict]:
     ]
 
 
+def bench_metrics(args) -> list[dict]:
+    """Optimizer steps of the `moe_small` model (8 x 256 tokens per step, fp32) with and without
+    the metrics path (statistics summary, JSON line, Prometheus gauges incl. per-expert series)."""
+    import tempfile
+
+    import numpy as np
+
+    import archs
+    from cluster.amp import DynamicLossScaler
+    from cluster.config import MetricsConfig, load_config
+    from cluster.metrics import build_metrics
+    from cluster.optim import build_optimizer
+    from cluster.step import train_step
+    from cluster.tasks import LanguageModeling
+
+    class _ArrayLM(LanguageModeling):
+        def __init__(self):
+            pass
+
+    cfg = load_config("moe_small").model
+    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": 257})
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 257, size=(8, 257), dtype=np.int64)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, on in (("without_metrics", False), ("with_metrics", True)):
+            torch.manual_seed(0)
+            model = archs.build(cfg)
+            opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
+            logger = build_metrics(MetricsConfig(), f"bench-{name}", Path(tmp) / name, Path(tmp), 0) if on else None
+            times, log_times = [], []
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                r = train_step(model, _ArrayLM(), [batch], opt, DynamicLossScaler(False), "fp32", torch.device("cpu"), 1.0,
+                               (cfg.moe_layer_ids, cfg.moe.num_experts))
+                t_log = time.perf_counter()
+                if logger is not None:
+                    logger.log({"loss": r.loss, "grad_norm": r.grad_norm, "aux_loss": r.aux_loss, "lr": 1e-3,
+                                "tokens_per_s": 1.0, "step_time_s": 1.0, "mfu": 0.1, "loss_scale": 1.0,
+                                "moe": r.moe["layers"]}, i)
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+                    log_times.append(time.perf_counter() - t_log)
+            if logger is not None:
+                logger.close()
+            sec = statistics.median(times)
+            results.append(dict(name=name, shape="moe_small, 8 x 256 tokens", backend="auto", seconds=sec,
+                                tokens_per_s=8 * 256 / sec, gflops=None, ratio_to_dense=None,
+                                log_call_ms=statistics.median(log_times) * 1e3))
+    results[1]["overhead_ms"] = (results[1]["seconds"] - results[0]["seconds"]) * 1e3
+    return results
+
+
 KERNEL_SHAPES = ((16384, 8, 512, 2048), (65536, 64, 512, 512))  # (rows N, groups G, d_in, d_out)
 
 
@@ -230,7 +284,7 @@ def print_table(results: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["moe", "kernels", "ep"],
+    p.add_argument("what", choices=["moe", "kernels", "ep", "metrics"],
                    help="the MoE layer, grouped_mm alone, or the layer under expert parallelism")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
@@ -254,8 +308,14 @@ def main(argv=None) -> int:
     threads = 1 if args.what == "ep" else torch.get_num_threads()
     print(f"{args.what} forward+backward, {args.device} {args.dtype}, {threads} thread(s) per process, "
           f"median of {args.repeats}, {'caching' if malloc.active() else 'system'} malloc", file=sys.stderr)
-    results = {"moe": bench_moe, "kernels": bench_kernels, "ep": bench_ep}[args.what](args)
-    if args.what == "ep":
+    results = {"moe": bench_moe, "kernels": bench_kernels, "ep": bench_ep, "metrics": bench_metrics}[args.what](args)
+    if args.what == "metrics":
+        for r in results:
+            print(f"{r['name']:16s} {r['seconds'] * 1e3:8.1f} ms/step")
+        print(f"the log() call itself: {results[1]['log_call_ms']:.3f} ms/step")
+        print(f"metrics cost: {results[1]['overhead_ms']:+.2f} ms/step "
+              f"({100 * results[1]['overhead_ms'] / 1e3 / results[0]['seconds']:+.2f}%, median of {args.repeats})")
+    elif args.what == "ep":
         print(f"\n{'case':16s} {'ms':>8s} {'tokens/s/worker':>16s} {'exchange':>9s}")
         for r in results:
             print(f"{r['name']:16s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:16.0f} {100 * r['exchange_share']:8.1f}%")
