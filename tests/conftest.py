@@ -64,6 +64,7 @@ def ray_cluster(tmp_path_factory):
     cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
            f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
+           f"--metrics-export-port={free_port()}",  # Ray's own metrics on: raymoe's exporter must coexist
            "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{gcs}"
