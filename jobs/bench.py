@@ -142,6 +142,7 @@ def _ep_worker(rank: int, world: int, port: int, args, out: str) -> None:
     timer.seconds = 0.0
     total = time_fwd_bwd(layer, x, args.repeats, 0) * args.repeats  # median x n ~ the timed span
     torch.save({"seconds": total / args.repeats, "exchange": timer.seconds / args.repeats}, f"{out}/rank{rank}.pt")
+    del layer
     dist.destroy_process_group()
 
 

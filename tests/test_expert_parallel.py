@@ -4,6 +4,7 @@ The reference applies the unsharded model to every rank's micro-batch in turn (r
 and the auxiliary losses are per micro-batch) and averages the gradients: exactly `train_step`
 over the ranks' batches as micro-batches.
 """
+import gc
 import os
 from datetime import timedelta
 
@@ -46,6 +47,7 @@ def _entry(rank, fn, world, port, args):
     try:
         fn(rank, world, *args)
     finally:
+        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
         dist.destroy_process_group()
 
 

@@ -1,4 +1,5 @@
 """The training step: accumulation, fp16 loss scaling, data-parallel equivalence (gloo, 2 ranks)."""
+import gc
 import os
 from datetime import timedelta
 
@@ -114,6 +115,7 @@ def _ddp_worker(rank, world, port, batches, out):
         if rank == 0:
             torch.save({"losses": losses, "state": model.state_dict()}, out)
     finally:
+        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
         dist.destroy_process_group()
 
 
