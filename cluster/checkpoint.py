@@ -5,11 +5,13 @@ Layout of one checkpoint directory (Ray Train merges every worker's files into i
   train_state.pt            step, data position, scheduler, loss scaler   (rank 0)
   rng_rankR.pt              each rank's torch RNG state
   meta.json                 model config, world size, step                (rank 0, written last)
+  manifest_rankR.json       size and SHA-256 of every file rank R wrote   (written after its files)
 Each checkpoint is written into a fresh local directory and only becomes the run's latest once
 Ray has copied it completely, so a crash while writing never replaces the last good one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -56,6 +58,12 @@ def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model
         torch.save(train_state, path / "train_state.pt")
         meta = {"model": to_dict(model_cfg), "world_size": world_size, "step": train_state["step"]}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    # The files this rank wrote (DCP names its shards __RANK_N.distcp), whatever else shares the directory.
+    mine = sorted(path.glob(f"__{rank}_*.distcp")) + [path / f"rng_rank{rank}.pt"]
+    if rank == 0:
+        mine += [path / ".metadata", path / "train_state.pt", path / "meta.json"]
+    files = {f.name: _digest(f) for f in mine}
+    (path / f"manifest_rank{rank}.json").write_text(json.dumps(files, indent=1))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -68,6 +76,52 @@ def read_meta(path: str | Path) -> dict:
         return json.loads((path / "meta.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e})") from None
+
+
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify(path: str | Path) -> dict:
+    """Check that every file of every rank is there with its recorded size and SHA-256; return meta."""
+    path = Path(path)
+    meta = read_meta(path)
+    manifests = sorted(path.glob("manifest_rank*.json"))
+    if len(manifests) != meta["world_size"]:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {len(manifests)} of {meta['world_size']} "
+                              "ranks' manifests")
+    for manifest in manifests:
+        for name, want in json.loads(manifest.read_text()).items():
+            f = path / name
+            if not f.is_file() or _digest(f) != want:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing or differs from "
+                                      f"{manifest.name}")
+    return meta
+
+
+def choose_resume(latest: Path, run_dir: Path) -> Path:
+    """`latest` if it is intact, else the newest intact older checkpoint of the run (with a
+    warning); the corrupt one is left in place for inspection."""
+    try:
+        verify(latest)
+        return latest
+    except CheckpointError as e:
+        problem = str(e)
+    for older in list_checkpoints(run_dir):
+        if older.name >= latest.name:
+            continue
+        try:
+            verify(older)
+        except CheckpointError:
+            continue
+        warnings.warn(f"{problem}; resuming from the previous intact checkpoint {older.name} instead", stacklevel=2)
+        print(f"[raymoe] WARNING: {problem}; resuming from {older.name}", flush=True)
+        return older
+    raise CheckpointError(f"{problem}, and the run has no older intact checkpoint")
 
 
 def check_model(meta: dict, model_cfg: Any, path: str | Path) -> None:
@@ -169,8 +223,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_complete(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of `run_dir` that has every file, or None."""
+    """The newest intact checkpoint of `run_dir` (every file, sizes and checksums), or None."""
     for p in list_checkpoints(run_dir):
-        if all((p / f).is_file() for f in REQUIRED):
+        try:
+            verify(p)
             return p
+        except CheckpointError:
+            continue
     return None

@@ -53,7 +53,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step = 0
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
-        with resumed.as_directory() as ckpt_dir:
+        with resumed.as_directory() as latest:
+            # NOTE: the fallback to an older checkpoint reads run_dir: storage must be a shared path.
+            ckpt_dir = checkpoint.choose_resume(Path(latest), run_dir)
             state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world)
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])

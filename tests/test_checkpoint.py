@@ -95,3 +95,24 @@ def test_meta_records_model_and_layout(tmp_path):
     save(tmp_path / "c", model, opt, sched, 3)
     meta = json.loads((tmp_path / "c" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["world_size"] == 1 and meta["model"]["d_model"] == 32
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path):
+    model, opt, sched = fresh()
+    for step in (2, 4):
+        save(tmp_path / checkpoint.dir_name(step), model, opt, sched, step)
+    latest = tmp_path / checkpoint.dir_name(4)
+    assert checkpoint.verify(latest)["step"] == 4
+    shard = next(latest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    shard.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="is corrupt: __0_0.distcp"):
+        checkpoint.verify(latest)
+    with pytest.warns(UserWarning, match="previous intact checkpoint checkpoint_00000002"):
+        assert checkpoint.choose_resume(latest, tmp_path) == tmp_path / checkpoint.dir_name(2)
+    assert checkpoint.latest_complete(tmp_path) == tmp_path / checkpoint.dir_name(2)
+    assert shard.exists()  # the corrupt checkpoint is kept for inspection
+    (tmp_path / checkpoint.dir_name(2) / "manifest_rank0.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="no older intact checkpoint"):
+        checkpoint.choose_resume(latest, tmp_path)

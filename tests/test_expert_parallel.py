@@ -202,6 +202,7 @@ def test_checkpoint_reshards_between_ep1_and_ep2(tmp_path):
     checkpoint.save(tmp_path / "ep1", model, opt, {"step": 3}, cfg, 0, 1)
     spawn(_ckpt_worker, 2, cfg, data, str(tmp_path / "ep1"), str(tmp_path / "ep2"), str(tmp_path))
     ep_losses = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert checkpoint.verify(tmp_path / "ep2")["world_size"] == 2  # both ranks' manifests check out
     model = build(cfg, seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     checkpoint.load(tmp_path / "ep2", model, opt, cfg, 0, 1)

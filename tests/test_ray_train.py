@@ -79,6 +79,24 @@ def test_resume_continues_the_same_curve_on_another_worker_count(straight, tiny_
                                rtol=0, atol=1e-5)
 
 
+def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(straight, tiny_data):
+    storage, _ = straight
+    first = fit(debug_job(tiny_data, storage, "fallback", "train.checkpoint_interval=5", "train.stop_at_step=15"))
+    assert first["steps"] == 15
+    latest = storage / "fallback" / checkpoint.dir_name(15)
+    shard = next(latest.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a silently corrupted byte: same size, wrong content
+    shard.write_bytes(bytes(data))
+    fit(debug_job(tiny_data, storage, "fallback", "train.checkpoint_interval=5"))
+    launches = [r for r in read_metrics(storage / "fallback") if r.get("event") == "launch_end"]
+    assert [r["steps_this_launch"] for r in launches] == [15, 10]  # resumed at step 10, not 15
+    ref = step_losses(read_metrics(storage / "straight"))
+    got = step_losses(read_metrics(storage / "fallback"))
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                               rtol=0, atol=1e-5)
+
+
 def test_resume_onto_another_model_shape_is_refused_before_workers_start(straight, tiny_data):
     storage, _ = straight
     run_dir = storage / "straight"
