@@ -85,6 +85,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.log(metrics, step)
         return metrics
 
+    log.log({"event": "launch_start", "resumed_from": step, "world_size": world}, step)
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0

@@ -3,8 +3,10 @@ refusal to resume onto another model, generation from the run, and `ray job subm
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,41 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(straight, tiny_
     got = step_losses(read_metrics(storage / "fallback"))
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
                                rtol=0, atol=1e-5)
+
+
+def test_worker_killed_after_a_checkpoint_restarts_once_on_the_same_curve(straight, tiny_data, ray_cluster):
+    """A Ray Train worker process killed from outside (SIGKILL) after the first checkpoint: with
+    cluster.max_failures=1 the group restarts once from the last checkpoint and finishes."""
+    from ray.util.state import list_actors
+
+    storage, _ = straight
+    run_dir = storage / "faulty"
+    overrides = debug_overrides(tiny_data, storage, "faulty") + [
+        "train.checkpoint_interval=5", "train.eval_interval=1", "cluster.max_failures=1"]
+    cmd = [sys.executable, "-m", "jobs.train", "--config", "debug"] + [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    # Ray's controller registers a reported checkpoint asynchronously: wait until its snapshot lists one.
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while not (snapshot.is_file() and checkpoint.PREFIX in snapshot.read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    os.kill(workers[0].pid, signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    records = read_metrics(run_dir)
+    starts = [r for r in records if r.get("event") == "launch_start"]
+    assert len(starts) == 2 and starts[0]["resumed_from"] == 0 and starts[1]["resumed_from"] >= 5  # exactly one restart
+    back = min(r["time"] for r in records if "loss" in r and r["time"] > killed_at)
+    print(f"\n[fault] killed a worker at step <= {max(r['step'] for r in records if r['time'] < killed_at)}, "
+          f"resumed from step {starts[1]['resumed_from']}, training again {back - killed_at:.1f} s after the kill")
+    ref = step_losses(read_metrics(storage / "straight"))
+    got = step_losses(records)
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+                               rtol=0, atol=1e-4)
 
 
 def test_resume_onto_another_model_shape_is_refused_before_workers_start(straight, tiny_data):
