@@ -164,3 +164,46 @@ def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
     assert "[raymoe] run finished" in r.stdout
     summary = json.loads((tmp_path / "submitted" / "summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_ray_job_stop_leaves_no_workers_and_a_resubmitted_job_resumes(ray_cluster, tiny_data, tmp_path):
+    from ray.util.state import list_actors
+
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    addr = ["--address", ray_cluster["dashboard"]]
+    overrides = debug_overrides(tiny_data, tmp_path, "stopped") + ["train.steps=60", "train.checkpoint_interval=5",
+                                                                    "train.eval_interval=1"]
+    entry = ["python", "-m", "jobs.train", "--config", "debug"] + [a for o in overrides for a in ("--set", o)]
+
+    def ray_job(*args, timeout=120):
+        return subprocess.run([ray_bin, "job", *args], capture_output=True, text=True, timeout=timeout,
+                              env=ray_cluster["env"], cwd=REPO)
+
+    r = ray_job("submit", *addr, "--no-wait", "--submission-id", "raymoe-stop-1", "--working-dir", str(REPO), "--", *entry)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    snapshot = tmp_path / "stopped" / "checkpoint_manager_snapshot.json"
+    deadline = time.time() + 180
+    while not (snapshot.is_file() and checkpoint.PREFIX in snapshot.read_text()):
+        assert time.time() < deadline, ray_job("logs", *addr, "raymoe-stop-1").stdout[-3000:]
+        time.sleep(0.1)
+    assert ray_job("stop", *addr, "raymoe-stop-1").returncode == 0
+    status = ""
+    for _ in range(120):
+        status = ray_job("status", *addr, "raymoe-stop-1").stdout.lower()
+        if "was stopped" in status:
+            break
+        time.sleep(0.5)
+    assert "was stopped" in status, status
+    for _ in range(60):  # no orphan training workers keep running (or holding CPUs)
+        if not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+            break
+        time.sleep(0.5)
+    assert not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    stopped_at = max(step_losses(read_metrics(tmp_path / "stopped")))
+    assert stopped_at < 60
+
+    r = ray_job("submit", *addr, "--submission-id", "raymoe-stop-2", "--working-dir", str(REPO), "--", *entry, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    starts = [x for x in read_metrics(tmp_path / "stopped") if x.get("event") == "launch_start"]
+    assert [s["resumed_from"] > 0 for s in starts] == [False, True]  # the second job resumed the run
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 60
