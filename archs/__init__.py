@@ -46,11 +46,6 @@ def family(name: str) -> Family:
     return _REGISTRY[name]
 
 
-def names() -> list[str]:
-    _load_families()
-    return sorted(_REGISTRY)
-
-
 def build(cfg: Any) -> nn.Module:
     """Build the plain (single-device, unsharded) model for config `cfg`."""
     return family(cfg.arch).build(cfg)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -140,12 +139,10 @@ class MetricsLogger:
 
     def __init__(self, backends: list):
         self.backends = backends
-        self._lock = threading.Lock()
 
     def log(self, metrics: dict, step: int) -> None:
-        with self._lock:
-            for backend in self.backends:
-                backend.log(metrics, step)
+        for backend in self.backends:
+            backend.log(metrics, step)
 
     def close(self) -> None:
         for backend in self.backends:
