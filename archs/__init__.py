@@ -23,7 +23,8 @@ class Family:
 _REGISTRY: dict[str, Family] = {}
 # Modules whose import registers a family. Imported on first lookup, not at package import, so
 # that `moe/` can use `archs.common` without a cycle (the MoE transformer imports `moe`).
-_FAMILY_MODULES = ("archs.transformer", "archs.moe_transformer")
+_FAMILY_MODULES = ("archs.transformer", "archs.moe_transformer", "archs.hourglass", "archs.sparse_attention",
+                   "archs.performer", "archs.mamba")
 
 
 def _load_families() -> None:
