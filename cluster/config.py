@@ -102,6 +102,8 @@ class ClusterConfig:
     run_name: str | None = doc("run name; an existing run of this name resumes; null = a new timestamped name", None)
     keep_checkpoints: int = doc("checkpoints kept per run (older ones are deleted after a newer one is complete)", 2)
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
+    resize_interval_s: float = doc("elastic training: how often Ray Train checks whether more workers now fit "
+                                   "(a grow restarts the group from the last checkpoint)", 60.0)
     num_threads: int | None = doc("torch intra-op threads per worker; null = cpus_per_worker", None)
 
     def __post_init__(self):
@@ -109,6 +111,8 @@ class ClusterConfig:
             raise ValueError(f"num_workers: must be >= 1, got {self.num_workers}")
         if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
             raise ValueError(f"min_workers: must be in [1, num_workers={self.num_workers}], got {self.min_workers}")
+        if self.resize_interval_s < 0:
+            raise ValueError(f"resize_interval_s: must be >= 0, got {self.resize_interval_s}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints: must be >= 1, got {self.keep_checkpoints}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):

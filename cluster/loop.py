@@ -5,11 +5,13 @@ is one, then step -> log -> evaluate -> checkpoint until the run (or this launch
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
 from pathlib import Path
 
+import ray
 import ray.train
 import torch
 
@@ -85,7 +87,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.log(metrics, step)
         return metrics
 
-    log.log({"event": "launch_start", "resumed_from": step, "world_size": world}, step)
+    log.log({"event": "launch_start", "resumed_from": step, "world_size": world,
+             "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(job.parallel_dims(world))}, step)
+    step_sleep = loop_config.get("step_sleep_s", 0.0)
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
@@ -94,6 +98,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             optimizer, scaler, t.precision, device, t.grad_clip, moe_layout)
         scheduler.step()
         step += 1
+        if step_sleep:
+            time.sleep(step_sleep)
         window_steps += 1
         record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                   "lr": scheduler.get_last_lr()[0], "skipped": result.skipped, "samples": step * t.global_batch_size}
@@ -134,6 +140,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.log({"event": "launch_end", "steps_this_launch": done, "train_s": wall,
                  "tokens_per_s": done * tokens_per_step / wall, "world_size": world}, step)
     log.close()
+
+
+def _node_of_each_rank(world: int) -> list[str]:
+    """Ray node id of every rank, in rank order (where this launch's workers were placed)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _exchange_timers(model, device) -> list:

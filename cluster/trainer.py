@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -80,9 +81,12 @@ def fit(job: JobConfig) -> dict:
     c = job.cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": str(storage)},
+        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": str(storage),
+                           # Tests stretch a tiny run so that a node can die and return mid-run.
+                           "step_sleep_s": float(os.environ.get("RAYMOE_TEST_STEP_SLEEP_S", 0))},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(c.min_workers, c.num_workers) if c.min_workers else c.num_workers,
+                                     elastic_resize_monitor_interval_s=c.resize_interval_s,
                                      use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}),
         run_config=RunConfig(name=name, storage_path=str(storage),
