@@ -102,6 +102,11 @@ class ClusterConfig:
     run_name: str | None = doc("run name; an existing run of this name resumes; null = a new timestamped name", None)
     keep_checkpoints: int = doc("checkpoints kept per run (older ones are deleted after a newer one is complete)", 2)
     max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
+    autoscaling_config: str | None = doc(
+        "the autoscaler config the cluster runs (the cluster launcher leaves it at ~/ray_bootstrap_config.yaml on the "
+        "head, where `ray job submit` drivers run); its node types let a job no node can hold fail at once instead of "
+        "waiting for nodes that never come; null or a missing file = check against the nodes alive now, and only "
+        "if the cluster has no autoscaler", "~/ray_bootstrap_config.yaml")
     resize_interval_s: float = doc("elastic training: how often Ray Train checks whether more workers now fit "
                                    "(a grow restarts the group from the last checkpoint)", 60.0)
     num_threads: int | None = doc("torch intra-op threads per worker; null = cpus_per_worker", None)

@@ -5,6 +5,7 @@ is one, then step -> log -> evaluate -> checkpoint until the run (or this launch
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -54,11 +55,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     step = 0
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as latest:
-            # NOTE: the fallback to an older checkpoint reads run_dir: storage must be a shared path.
+    # NOTE: both fallbacks read run_dir: storage must be a path every worker sees (shared storage).
+    with (resumed.as_directory() if resumed is not None else contextlib.nullcontext()) as latest:
+        if latest is not None:  # Ray's latest, or an older intact one if that one is damaged
             ckpt_dir = checkpoint.choose_resume(Path(latest), run_dir)
-            state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world)
+        else:  # a group that failed right after a save may restart before Ray registered it
+            ckpt_dir = checkpoint.latest_complete(run_dir)
+        state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world) if ckpt_dir else None
+    if state is not None:
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -89,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     log.log({"event": "launch_start", "resumed_from": step, "world_size": world,
              "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(job.parallel_dims(world))}, step)
-    step_sleep = loop_config.get("step_sleep_s", 0.0)
+    pace = loop_config.get("pace_file")
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
@@ -98,8 +102,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             optimizer, scaler, t.precision, device, t.grad_clip, moe_layout)
         scheduler.step()
         step += 1
-        if step_sleep:
-            time.sleep(step_sleep)
+        if pace:
+            _pace(pace)
         window_steps += 1
         record = {"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
                   "lr": scheduler.get_last_lr()[0], "skipped": result.skipped, "samples": step * t.global_batch_size}
@@ -140,6 +144,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.log({"event": "launch_end", "steps_this_launch": done, "train_s": wall,
                  "tokens_per_s": done * tokens_per_step / wall, "world_size": world}, step)
     log.close()
+
+
+def _pace(path: str) -> None:
+    """Test hook: while `path` exists, sleep the seconds it holds after every step, so that a
+    tiny run lasts long enough for a node to die and come back."""
+    try:
+        time.sleep(float(Path(path).read_text() or 0))
+    except (OSError, ValueError):
+        pass
 
 
 def _node_of_each_rank(world: int) -> list[str]:

@@ -18,6 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import checkpoint
+from cluster.capacity import check_cluster, check_reachable
 from cluster.config import JobConfig, dump_config
 from cluster.malloc import CACHING_MALLOC_ENV
 from cluster.loop import train_loop_per_worker
@@ -72,18 +73,20 @@ def fit(job: JobConfig) -> dict:
     job = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, run_name=name))
     run_dir = storage / name
     latest = check_resume(run_dir, job)
+    check_reachable(job.cluster.address)  # a job that cannot run fails here, before it writes anything
+    connect(job.cluster.address)
+    check_cluster(job.cluster)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(job))
     _copy_tokenizer(job.data.path, run_dir)
     print(f"[raymoe] run {name} -> {run_dir}" + (f" (resuming {latest.name})" if latest else ""), flush=True)
 
-    connect(job.cluster.address)
     c = job.cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job, "run_dir": str(run_dir), "storage": str(storage),
                            # Tests stretch a tiny run so that a node can die and return mid-run.
-                           "step_sleep_s": float(os.environ.get("RAYMOE_TEST_STEP_SLEEP_S", 0))},
+                           "pace_file": os.environ.get("RAYMOE_TEST_PACE_FILE")},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=(c.min_workers, c.num_workers) if c.min_workers else c.num_workers,
                                      elastic_resize_monitor_interval_s=c.resize_interval_s,

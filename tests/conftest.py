@@ -31,6 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_cluster(temp: Path) -> None:
+    """Kill the processes of the Ray cluster whose temp dir is `temp`, and only those: `ray stop`
+    would also take any other cluster on the machine (another test session, a fake cluster)."""
+    import signal
+
+    mark = str(temp).encode()
+    for _ in range(5):
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and int(proc.name) != os.getpid() and mark in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not pids:
+            return
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The built-in corpus as 64-token byte sequences (the `debug` preset's length)."""
@@ -75,7 +99,7 @@ def ray_cluster(tmp_path_factory):
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         ray.shutdown()
-        subprocess.run([os.path.join(VENV_BIN, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp)
         os.environ.pop("RAY_ADDRESS", None)
         shutil.rmtree(temp, ignore_errors=True)
         time.sleep(0.5)
