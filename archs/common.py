@@ -1,4 +1,5 @@
-"""Blocks shared by the model families: RMSNorm, rotary embeddings, SwiGLU MLP, attention, KV cache.
+"""Blocks shared by the model families: RMSNorm, rotary embeddings, SwiGLU MLP, attention, KV cache,
+the pre-norm residual block.
 
 Shape letters: B batch, T query length, S key length, H query heads, G key/value heads,
 D head dim, C model width (d_model), F MLP hidden width, W local-attention window.
@@ -139,6 +140,29 @@ class Attention(nn.Module):
         if self.window is not None:
             allowed &= qpos - kpos < self.window
         return F.scaled_dot_product_attention(q_BHTD, k_BHSD, v_BHSD, attn_mask=allowed)
+
+
+class PreNormBlock(nn.Module):
+    """x + attn(attn_norm(x)), then x + mlp(mlp_norm(x)): the pre-norm residual block of the
+    attention families (dense, local-window, hourglass, sparse, Performer).
+
+    `attn` is any causal mixer called as `attn(x, cos, sin, cache, layer, pos)` (the contract of
+    `Attention`); `cache_layer` is this block's layer in that cache. `mlp` is the FFN slot (a
+    SwiGLU or an MoE layer, see `archs.ffn.make_ffn`). Submodule names are the checkpoint keys
+    (`attn_norm`, `attn`, `mlp_norm`, `mlp`) every attention family shares.
+    """
+
+    def __init__(self, d_model: int, norm_eps: float, attn: nn.Module, mlp: nn.Module, cache_layer: int):
+        super().__init__()
+        self.cache_layer = cache_layer
+        self.attn_norm = RMSNorm(d_model, eps=norm_eps)
+        self.attn = attn
+        self.mlp_norm = RMSNorm(d_model, eps=norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, pos: int = 0) -> torch.Tensor:
+        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache, self.cache_layer, pos)
+        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
 
 
 def init_weights(module: nn.Module, std: float, residual_std: float, residual_names: tuple[str, ...]) -> None:

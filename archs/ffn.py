@@ -3,11 +3,14 @@
 A family config that can carry MoE layers inherits `MoEOptions` (fields `moe`, `moe_every`,
 `moe_layers`) and builds each FFN with `make_ffn`. The training loop, checkpoints and metrics find
 MoE layers through `cfg.moe` and `cfg.moe_layer_ids`, whatever the family; layer ids are global
-(unique in the model) because statistics and metrics are keyed by them.
+(unique in the model) because statistics and metrics are keyed by them. `active_matmul_params`
+is the parameter count behind every family's `flops_per_token`: an MoE layer counts only the
+top_k experts a token runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch.nn as nn
 
@@ -42,7 +45,10 @@ class MoEOptions:
 
 
 def make_ffn(d_model: int, hidden: int, cfg: MoEOptions, slot: int, std: float, out_std: float) -> nn.Module:
-    """FFN slot `slot` (a global index): an `MoELayer` if the config routes it, else SwiGLU."""
+    """FFN slot `slot` (a global index): an `MoELayer` if the config routes it, else SwiGLU.
+
+    `cfg` is any config with `moe` and `moe_layer_ids` (an `MoEOptions`, or the MoE transformer's).
+    """
     if cfg.moe is not None and slot in cfg.moe_layer_ids:
         from moe.layer import MoELayer  # moe imports archs.common: import lazily
 
@@ -50,3 +56,37 @@ def make_ffn(d_model: int, hidden: int, cfg: MoEOptions, slot: int, std: float, 
         layer.init_weights(std, out_std)
         return layer
     return SwiGLU(d_model, hidden)
+
+
+def check_causal_routing(moe: MoEConfig | None) -> None:
+    """Refuse token-by-token generation with expert-choice routing (call from `new_cache`)."""
+    if moe is not None and moe.router == "expert_choice":
+        raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
+                         "so it cannot generate token by token; train with model.moe.router: topk")
+
+
+def active_matmul_params(model: nn.Module, include: Callable[[str, nn.Parameter], bool] | None = None) -> int:
+    """Parameters one token multiplies by in the forward pass (6 x this = its matmul training FLOPs).
+
+    Every parameter whose name `include(name, param)` accepts (default: all), except the input
+    embedding when the model has a separate `head` (then it is a lookup; a tied head does the
+    matmul); each MoE layer counts `top_k` of its experts, not all it holds (under expert
+    parallelism a rank holds a slice, and the active count is the same on every rank).
+    """
+    from moe.layer import MoELayer  # moe imports archs.common: import lazily
+
+    untied = getattr(model, "head", None) is not None
+    n = 0
+    for name, p in model.named_parameters():
+        if (name == "embed.weight" and untied) or (include is not None and not include(name, p)):
+            continue
+        n += p.numel()
+    for name, m in model.named_modules():
+        if not isinstance(m, MoELayer):
+            continue
+        experts = m.experts
+        if include is not None and not include(f"{name}.experts.w13", experts.w13):
+            continue
+        per_expert = experts.w13[0].numel() + experts.w2[0].numel()
+        n -= (experts.num_experts - m.cfg.top_k) * per_expert  # counted above for every held expert
+    return n

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import Attention, KVCache, RMSNorm, init_weights, residual_scale, rope_tables
-from archs.ffn import MoEOptions, make_ffn
+from archs.common import Attention, KVCache, PreNormBlock, RMSNorm, init_weights, residual_scale, rope_tables
+from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
 
@@ -86,20 +86,11 @@ class HourglassConfig(MoEOptions):
         return self.d_ff or 64 * -(-(8 * self.d_model // 3) // 64)
 
 
-class Block(nn.Module):
+def build_block(cfg: HourglassConfig, slot: int, cache_slot: int) -> PreNormBlock:
     """Pre-norm attention + FFN; `slot` is its global FFN slot, `cache_slot` its layer in its KV cache."""
-
-    def __init__(self, cfg: HourglassConfig, slot: int, cache_slot: int):
-        super().__init__()
-        self.cache_slot = cache_slot
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, slot, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers))
-
-    def forward(self, x_BTC, cos, sin, cache: KVCache | None = None, pos: int = 0):
-        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache, self.cache_slot, pos)
-        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+    attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+    mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, slot, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers))
+    return PreNormBlock(cfg.d_model, cfg.norm_eps, attn, mlp, cache_slot)
 
 
 class HourglassCache:
@@ -137,7 +128,7 @@ class Hourglass(nn.Module):
         # Cache slots: bottom and top share the full-resolution cache, the middle has its own.
         cache_slot = {i: i - n_pre if n_pre <= i < n_pre + n_mid else i if i < n_pre else i - n_mid
                       for i in range(cfg.n_layers)}
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, cache_slot[i]) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): build_block(cfg, i, cache_slot[i]) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(C, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(C, cfg.vocab_size, bias=False)
         self.pool = nn.Linear(k * C, C, bias=False) if k > 1 and cfg.pool == "linear" else None
@@ -209,10 +200,7 @@ class Hourglass(nn.Module):
         return cache.update[:, pos:pos + T]
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> HourglassCache:
-        moe = self.cfg.moe
-        if moe is not None and moe.router == "expert_choice":
-            raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
-                             "so it cannot generate token by token; train with model.moe.router: topk")
+        check_causal_routing(self.cfg.moe)
         p = self.embed.weight
         return HourglassCache(self.cfg, batch, max_len or self.cfg.max_seq_len, dtype or p.dtype, p.device)
 
@@ -220,22 +208,9 @@ class Hourglass(nn.Module):
         """Training FLOPs per token: 6 * active matmul params (the middle's, pooling's and
         upsampling's divided by k: they run once per k tokens) + attention scores at both resolutions."""
         cfg, k = self.cfg, self.cfg.shorten_factor
-        mid = {f"layers.{i}." for i in self.mid_ids}
-        full_n, short_n = 0.0, 0.0
-        for name, p in self.named_parameters():
-            if name == "embed.weight" and self.head is not None:
-                continue  # a lookup, not a matmul
-            if any(name.startswith(m) for m in mid) or name.startswith(("pool.", "up.")):
-                short_n += p.numel()
-            else:
-                full_n += p.numel()
-        for i in cfg.moe_layer_ids:  # only top_k of the held experts run per token
-            experts = self.layers[str(i)].mlp.experts
-            idle = (experts.num_experts - cfg.moe.top_k) * (experts.w13[0].numel() + experts.w2[0].numel())
-            if str(i) in self.mid_ids:
-                short_n -= idle
-            else:
-                full_n -= idle
+        short = tuple(f"layers.{i}." for i in self.mid_ids) + ("pool.", "up.")
+        short_n = active_matmul_params(self, lambda name, p: name.startswith(short))
+        full_n = active_matmul_params(self, lambda name, p: not name.startswith(short))
         n_full_layers = cfg.n_pre_layers + cfg.n_post_layers
         attn = 12 * cfg.d_model * (n_full_layers * seq_len + cfg.n_mid_layers * seq_len / k / k)
         return 6 * (full_n + short_n / k) + attn

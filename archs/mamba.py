@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import archs
 from archs.common import RMSNorm, init_weights, residual_scale
-from archs.ffn import MoEOptions, make_ffn
+from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
 # ----------------------------------------------------------------------------------------------
@@ -339,26 +339,15 @@ class Mamba(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> MambaCache:
         """A fresh recurrent state; `max_len` is accepted for the common interface (the state has fixed size)."""
-        if self.cfg.moe is not None and self.cfg.moe.router == "expert_choice":
-            raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
-                             "so it cannot generate token by token; train with model.moe.router: topk")
+        check_causal_routing(self.cfg.moe)
         p = self.embed.weight
         return MambaCache(self.cfg, batch, dtype or p.dtype, p.device)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * active matmul params + the scan (6x its forward multiply-adds)."""
         cfg = self.cfg
-        n = 0
-        for name, p in self.named_parameters():
-            if name == "embed.weight" or ".experts." in name:
-                continue
-            if p.dim() >= 2 and "conv" not in name:
-                n += p.numel()
-        if self.head is None:
-            n += self.embed.weight.numel()
-        for i in cfg.moe_layer_ids:  # only the top_k active experts count
-            experts = self.layers[str(i)].mlp.experts
-            n += cfg.moe.top_k * (experts.w13[0].numel() + experts.w2[0].numel())
+        # Matrices only: norms, dt/A/D vectors and the depthwise conv are not matmuls (the conv is in `scan`).
+        n = active_matmul_params(self, lambda name, p: p.dim() >= 2 and "conv" not in name)
         L = min(cfg.chunk_size, seq_len)
         E, N, H = cfg.d_inner, cfg.d_state, cfg.n_heads
         # per token: C.B^T over a chunk (L*N), decay-weighted sum (L*E), chunk states (2*E*N), conv (K*(E+2N))

@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 
 import archs
 from archs.common import residual_scale
+from archs.ffn import check_causal_routing, make_ffn
 from archs.transformer import Transformer, TransformerConfig
 from cluster.configio import doc
 from moe.config import MoEConfig
-from moe.layer import MoELayer
 
 
 @dataclass
@@ -37,25 +37,12 @@ class MoETransformer(Transformer):
     def __init__(self, cfg: MoETransformerConfig):
         super().__init__(cfg)
         for i in cfg.moe_layer_ids:
-            layer = MoELayer(cfg.d_model, cfg.moe, layer_id=i)
-            layer.init_weights(cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers))
-            self.layers[str(i)].mlp = layer
+            self.layers[str(i)].mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, i, cfg.init_std,
+                                               residual_scale(cfg.init_std, cfg.n_layers))
 
     def new_cache(self, *args, **kwargs):
-        if self.cfg.moe.router == "expert_choice":
-            raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
-                             "so it cannot generate token by token; train with model.moe.router: topk")
+        check_causal_routing(self.cfg.moe)
         return super().new_cache(*args, **kwargs)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Active FLOPs: each token runs top_k experts (plus the router and shared expert)."""
-        total = super().flops_per_token(seq_len)
-        m = self.cfg.moe
-        for i in self.cfg.moe_layer_ids:
-            experts = self.layers[str(i)].mlp.experts  # this rank's experts (all, without EP)
-            per_expert = experts.w13[0].numel() + experts.w2[0].numel()
-            total -= 6 * per_expert * (experts.num_experts - m.top_k)  # counted for every held expert above
-        return total
 
 
 PRESETS = {

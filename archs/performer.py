@@ -25,7 +25,6 @@ V vocabulary.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
-from archs.ffn import MoEOptions, make_ffn
+from archs.common import PreNormBlock, RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
+from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +220,7 @@ class FavorSelfAttention(nn.Module):
     def __init__(self, cfg: PerformerConfig, layer_id: int):
         super().__init__()
         self.cfg, self.layer_id = cfg, layer_id
-        C, H = cfg.d_model, cfg.n_heads
+        C = cfg.d_model
         self.wq, self.wk, self.wv = (nn.Linear(C, C, bias=False) for _ in range(3))
         self.wo = nn.Linear(C, C, bias=False)
         self.register_buffer("proj", torch.empty(cfg.nb_features, cfg.head_dim))
@@ -234,29 +233,26 @@ class FavorSelfAttention(nn.Module):
         gen = torch.Generator().manual_seed(seed % 2**63)
         self.proj.copy_(orthogonal_gaussian(self.cfg.nb_features, self.cfg.head_dim, gen))
 
-    def forward(self, x_BTC, cos, sin, cache: PerformerCache | None = None) -> torch.Tensor:
+    def forward(self, x_BTC, cos, sin, cache: PerformerCache | None = None, layer: int | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """`Attention`'s call contract: `layer` is the cache slot (default: this layer's id); `pos` is
+        not needed (the cache's state sits at the position the model checked)."""
         B, T, C = x_BTC.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
         q, k, v = (w(x_BTC).view(B, T, H, D).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        state = cache.states[self.layer_id] if cache is not None else None
+        slot = self.layer_id if layer is None else layer
+        state = cache.states[slot] if cache is not None else None
         out, state = favor_attention(q, k, v, self.proj, self.cfg.chunk_size, state)
         if cache is not None:
-            cache.states[self.layer_id] = state
+            cache.states[slot] = state
         return self.wo(out.transpose(1, 2).reshape(B, T, C))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: PerformerConfig, layer_id: int, std: float, out_std: float):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = FavorSelfAttention(cfg, layer_id)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, layer_id, std, out_std)
-
-    def forward(self, x_BTC, cos, sin, cache: PerformerCache | None = None):
-        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache)
-        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+def build_block(cfg: PerformerConfig, layer_id: int, std: float, out_std: float) -> PreNormBlock:
+    attn = FavorSelfAttention(cfg, layer_id)
+    return PreNormBlock(cfg.d_model, cfg.norm_eps, attn, make_ffn(cfg.d_model, cfg.hidden, cfg, layer_id, std, out_std),
+                        layer_id)
 
 
 class Performer(nn.Module):
@@ -267,7 +263,7 @@ class Performer(nn.Module):
         self.cfg = cfg
         out_std = residual_scale(cfg.init_std, cfg.n_layers)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, cfg.init_std, out_std) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): build_block(cfg, i, cfg.init_std, out_std) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
@@ -306,26 +302,19 @@ class Performer(nn.Module):
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed(tokens_BT)
         for block in self.layers.values():
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, pos)
         x = self.norm(x)
         return x @ self.embed.weight.t() if self.head is None else self.head(x)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> PerformerCache:
         """A fresh recurrent state (its size does not depend on `max_len`, accepted for the common interface)."""
-        if self.cfg.moe is not None and self.cfg.moe.router == "expert_choice":
-            raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
-                             "so it cannot generate token by token; train with model.moe.router: topk")
+        check_causal_routing(self.cfg.moe)
         return PerformerCache(self.cfg.n_layers)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * active matmul params + 6 * FAVOR+'s multiply-adds per token."""
         cfg = self.cfg
-        n = sum(p.numel() for name, p in self.named_parameters() if name != "embed.weight" and ".experts." not in name)
-        if self.head is None:
-            n += self.embed.weight.numel()
-        for i in cfg.moe_layer_ids:  # only the top_k active experts count
-            experts = self.layers[str(i)].mlp.experts
-            n += cfg.moe.top_k * (experts.w13[0].numel() + experts.w2[0].numel())
+        n = active_matmul_params(self)
         M, D, L = cfg.nb_features, cfg.head_dim, min(cfg.chunk_size, seq_len)
         # per head: q and k features (2MD), in-chunk scores and values (L(M+D)), state update and read (2MD)
         favor = cfg.n_heads * (2 * M * D + L * (M + D) + 2 * M * D)

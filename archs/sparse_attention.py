@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import Attention, KVCache, RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
-from archs.ffn import MoEOptions, make_ffn
+from archs.common import Attention, KVCache, PreNormBlock, RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
+from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
 PATTERNS = ("blockwise", "local_global", "learned")
@@ -293,18 +293,10 @@ class SparseTransformerConfig(MoEOptions):
                              self.top_blocks)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: SparseTransformerConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = SparseAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.sparse_pattern)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, layer_id, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers))
-
-    def forward(self, x_BTC, cos, sin, cache: SparseKVCache | None = None, pos: int = 0):
-        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache, self.layer_id, pos)
-        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+def build_block(cfg: SparseTransformerConfig, layer_id: int) -> PreNormBlock:
+    attn = SparseAttention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.sparse_pattern)
+    mlp = make_ffn(cfg.d_model, cfg.hidden, cfg, layer_id, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers))
+    return PreNormBlock(cfg.d_model, cfg.norm_eps, attn, mlp, layer_id)
 
 
 class SparseTransformer(nn.Module):
@@ -314,7 +306,7 @@ class SparseTransformer(nn.Module):
             raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
@@ -337,9 +329,7 @@ class SparseTransformer(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> SparseKVCache:
         cfg, p = self.cfg, self.embed.weight
-        if cfg.moe is not None and cfg.moe.router == "expert_choice":
-            raise ValueError("expert-choice routing is non-causal (each expert picks from the whole batch), "
-                             "so it cannot generate token by token; train with model.moe.router: topk")
+        check_causal_routing(cfg.moe)
         return SparseKVCache(cfg.n_layers, batch, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads,
                              max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.block_size,
                              cfg.pattern == "learned", dtype or p.dtype, p.device)
@@ -347,14 +337,8 @@ class SparseTransformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * active matmul params + attention over the gathered keys."""
         cfg = self.cfg
-        n = sum(p.numel() for name, p in self.named_parameters() if name != "embed.weight")
-        if self.head is None:
-            n += self.embed.weight.numel()  # tied head still does the matmul
-        for i in cfg.moe_layer_ids:  # only top_k of the held experts run per token
-            experts = self.layers[str(i)].mlp.experts
-            n -= (experts.num_experts - cfg.moe.top_k) * (experts.w13[0].numel() + experts.w2[0].numel())
         span = min(seq_len, cfg.sparse_pattern.keys_per_query)
-        return 6 * n + 12 * cfg.n_layers * cfg.d_model * span
+        return 6 * active_matmul_params(self) + 12 * cfg.n_layers * cfg.d_model * span
 
 
 PRESETS = {

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 import archs
-from archs.common import Attention, KVCache, RMSNorm, SwiGLU, init_weights, residual_scale, rope_tables
+from archs.common import Attention, KVCache, PreNormBlock, RMSNorm, SwiGLU, init_weights, residual_scale, rope_tables
+from archs.ffn import active_matmul_params
 from cluster.configio import doc
 
 
@@ -52,18 +53,9 @@ class TransformerConfig:
         return self.d_ff or 64 * -(-(8 * self.d_model // 3) // 64)
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.attn_window)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.d_model, cfg.hidden)
-
-    def forward(self, x_BTC, cos, sin, cache: KVCache | None = None, pos: int = 0):
-        x_BTC = x_BTC + self.attn(self.attn_norm(x_BTC), cos, sin, cache, self.layer_id, pos)
-        return x_BTC + self.mlp(self.mlp_norm(x_BTC))
+def build_block(cfg: TransformerConfig, layer_id: int) -> PreNormBlock:
+    attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, cfg.attn_window)
+    return PreNormBlock(cfg.d_model, cfg.norm_eps, attn, SwiGLU(cfg.d_model, cfg.hidden), layer_id)
 
 
 class Transformer(nn.Module):
@@ -73,7 +65,7 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
@@ -100,13 +92,11 @@ class Transformer(nn.Module):
                        cfg.d_model // cfg.n_heads, dtype or p.dtype, p.device)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 * matmul params + attention scores."""
+        """Training FLOPs per token (forward + backward): 6 * active matmul params + attention scores
+        (families built on this one with MoE FFNs count each token's top_k experts only)."""
         cfg = self.cfg
-        n = sum(p.numel() for name, p in self.named_parameters() if name != "embed.weight")
-        if self.head is None:
-            n += self.embed.weight.numel()  # tied head still does the matmul
         span = min(seq_len, cfg.attn_window or seq_len)
-        return 6 * n + 12 * cfg.n_layers * cfg.d_model * span
+        return 6 * active_matmul_params(self) + 12 * cfg.n_layers * cfg.d_model * span
 
 
 PRESETS = {

@@ -6,6 +6,9 @@
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
   python -m jobs.bench metrics                   # step time of the moe_small model with and without metrics
+  python -m jobs.bench archs [--quick]           # the architecture families side by side (jobs/bench_archs.py)
+  python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (jobs/bench_parallel.py)
+  python -m jobs.bench deploy --out FILE         # sizes, perplexity, ONNX Runtime latency, generation (jobs/bench_deploy.py)
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -14,6 +17,7 @@ the same matmul FLOPs per token.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -202,7 +206,7 @@ def bench_metrics(args) -> list[dict]:
             pass
 
     cfg = load_config("moe_small").model
-    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": 257})
+    cfg = dataclasses.replace(cfg, vocab_size=257)  # fields only (not e.g. MoEOptions._n_slots)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 257, size=(8, 257), dtype=np.int64)
     results = []
@@ -282,7 +286,15 @@ def print_table(results: list[dict]) -> None:
               f"{r['gflops']:8.1f} {r['ratio_to_dense']:8.2f}")
 
 
+SUBCOMMANDS = {"archs": "jobs.bench_archs", "parallel": "jobs.bench_parallel", "deploy": "jobs.bench_deploy"}
+
+
 def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] and args[0] in SUBCOMMANDS:  # benchmarks with their own options live in their own module
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[args[0]]).main(args[1:], from_cli=argv is None)
     p = argparse.ArgumentParser(prog="python -m jobs.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["moe", "kernels", "ep", "metrics"],
