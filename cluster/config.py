@@ -80,15 +80,35 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    dp: int | None = doc("data-parallel degree; null = every worker (tensor/pipeline parallelism are not implemented)", None)
+    tp: int = doc("tensor-parallel degree: attention heads and MLP hidden units split over this many workers", 1)
+    pp: int = doc("pipeline-parallel degree: the layers cut into this many stages, one per worker", 1)
+    dp: int | None = doc("data-parallel degree; null = what tp and pp leave (workers / (tp x pp))", None)
     ep: int | Literal["auto"] = doc(
-        "expert-parallel degree (divides dp and the number of experts); auto = the largest that does", 1)
+        "expert-parallel degree, inside dp (divides dp and the number of experts); auto = the largest that does", 1)
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = doc(
+        "pipeline schedule (pp > 1); interleaved_1f1b puts 2 stages on each worker", "1f1b")
+    microbatches: int | None = doc("pipeline micro-batches per step and worker (pp > 1); null = the step's "
+                                   "train.micro_batch_size micro-batches", None)
+    pp_split: list[int] | None = doc("first layer of every pipeline stage after the first, e.g. [3]; "
+                                     "null = an even cut by layer count", None)
 
     def __post_init__(self):
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.dp is not None and self.dp < 1:
             raise ValueError(f"dp: must be >= 1 or null, got {self.dp}")
         if self.ep != "auto" and self.ep < 1:
             raise ValueError(f"ep: must be >= 1 or 'auto', got {self.ep}")
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"microbatches: must be >= 1 or null, got {self.microbatches}")
+        if self.pp == 1 and (self.microbatches is not None or self.pp_split is not None):
+            raise ValueError("microbatches/pp_split: only used with pipeline parallelism (pp > 1); "
+                             "without it, train.micro_batch_size sets the micro-batches")
+
+    @property
+    def stages_per_worker(self) -> int:
+        return 2 if self.schedule == "interleaved_1f1b" else 1
 
 
 @dataclass
@@ -155,22 +175,42 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self):
-        t, c = self.train, self.cluster
-        if self.parallel.dp is not None and (self.parallel.dp != c.num_workers or c.min_workers is not None):
-            raise ConfigError(f"parallel.dp: {self.parallel.dp} != cluster.num_workers={c.num_workers}; "
-                              "with data parallelism only, dp must equal the number of workers (or be null)")
+        t, c, par = self.train, self.cluster, self.parallel
+        if par.dp is not None and c.min_workers is not None:
+            raise ConfigError(f"parallel.dp: a fixed {par.dp} cannot hold at every size of the elastic range "
+                              f"{c.min_workers}..{c.num_workers}; set it to null")
         for world in self.world_sizes:  # every size an elastic run may see, before any worker starts
             at = f" (at {world} workers of the elastic range {c.min_workers}..{c.num_workers})" if c.min_workers else ""
             try:
-                ParallelDims.build(world, self.parallel.ep, num_experts(self.model))
+                dims = self.parallel_dims(world)
+                self._check_pipeline(dims)
             except ValueError as e:
                 raise ConfigError(f"{e}{at}") from None
-            if t.global_batch_size % (t.micro_batch_size * world):
+            if t.global_batch_size % (t.micro_batch_size * dims.dp):
+                who = "workers" if dims.dp == world else "data-parallel ranks (parallel.dp)"
                 raise ConfigError(
-                    f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x workers "
-                    f"= {t.micro_batch_size} x {world}{at}; use a multiple of {t.micro_batch_size * world}")
+                    f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x {who} "
+                    f"= {t.micro_batch_size} x {dims.dp}{at}; use a multiple of {t.micro_batch_size * dims.dp}")
+            if par.microbatches is not None and (t.global_batch_size // dims.dp) % par.microbatches:
+                raise ConfigError(f"parallel.microbatches: {par.microbatches} does not divide the "
+                                  f"{t.global_batch_size // dims.dp} sequences each data-parallel rank gets per step "
+                                  f"(train.global_batch_size / dp){at}")
         if t.precision == "fp16" and not self.cluster.use_gpu:
             raise ConfigError("train.precision: fp16 needs GPUs (cluster.use_gpu: true); use fp32 or bf16 on CPU")
+
+    def _check_pipeline(self, dims: ParallelDims) -> None:
+        if dims.pp == 1:
+            return
+        from parallel.pipeline import stage_layers
+
+        stage_layers(self.model.n_layers, dims.pp * self.parallel.stages_per_worker, self.parallel.pp_split)
+        n_micro = self.parallel.microbatches or self.train.global_batch_size // (self.train.micro_batch_size * dims.dp)
+        if self.parallel.schedule != "gpipe" and n_micro < dims.pp:
+            raise ValueError(f"parallel.microbatches: {self.parallel.schedule} needs at least pp={dims.pp} micro-batches "
+                             f"per step, got {n_micro}; raise parallel.microbatches (or lower train.micro_batch_size)")
+        if self.parallel.schedule == "interleaved_1f1b" and n_micro % max(1, n_micro // dims.pp):
+            raise ValueError(f"parallel.microbatches: interleaved_1f1b needs the {n_micro} micro-batches to be a "
+                             f"multiple of {max(1, n_micro // dims.pp)} (rounds of pp={dims.pp})")
 
     @property
     def world_sizes(self) -> list[int]:
@@ -179,11 +219,13 @@ class JobConfig:
 
     def parallel_dims(self, world: int | None = None) -> ParallelDims:
         """The layout at `world` workers (default: cluster.num_workers)."""
-        return ParallelDims.build(world or self.cluster.num_workers, self.parallel.ep, num_experts(self.model))
+        p = self.parallel
+        return ParallelDims.build(world or self.cluster.num_workers, p.ep, num_experts(self.model), tp=p.tp, pp=p.pp,
+                                  dp=p.dp, model_cfg=self.model)
 
     @property
     def accumulation_steps(self) -> int:
-        return self.train.global_batch_size // (self.train.micro_batch_size * self.cluster.num_workers)
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel_dims().dp)
 
 
 def num_experts(model_cfg: Any) -> int | None:

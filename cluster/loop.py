@@ -17,6 +17,7 @@ import ray.train
 import torch
 
 import archs
+import parallel
 from cluster import checkpoint
 from cluster.amp import DynamicLossScaler
 from cluster.config import JobConfig
@@ -24,8 +25,6 @@ from cluster.metrics import build_metrics, measure_peak_flops
 from cluster.optim import build_optimizer, build_scheduler
 from cluster.step import evaluate, train_step
 from cluster.tasks import build_task
-from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
-from parallel.expert_parallel import apply_expert_parallel
 from parallel.mesh import build_groups
 
 
@@ -43,13 +42,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         device = torch.device("cpu")
     torch.set_num_threads(c.num_threads or max(1, int(c.cpus_per_worker)))
 
-    groups = build_groups(job.parallel_dims(world), rank)
+    dims = job.parallel_dims(world)
+    groups = build_groups(dims, rank)
+    _, dp_rank, _ = dims.coords(rank)
     # The model is initialised identically on every rank from the seed (no broadcast needed).
     torch.manual_seed(t.seed)
     task = build_task(t.task, job.data)
+    # Every rank of a data-parallel replica (its TP ranks and pipeline stages) reads its data.
+    batches = task.train_batches(t.global_batch_size, t.micro_batch_size, dp_rank, dims.dp, t.seed)
+    eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, dp_rank, dims.dp)
     model = archs.build(job.model).to(device)
-    apply_expert_parallel(model, groups)  # this rank's experts + the all-to-all dispatcher
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, t.betas)
+    flops_per_token = model.flops_per_token(batches.dataset.seq_len)  # the whole model, before it is cut
+    p = job.parallel
+    # tensor -> pipeline -> expert -> activation checkpointing -> data parallel (parallel/__init__.py)
+    par = parallel.apply(model, groups, device, schedule=p.schedule, microbatches=p.microbatches,
+                         pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing)
+    model = par.model  # this rank's share: what the optimizer steps and checkpoints hold
+    optimizer = par.prepare_optimizer(build_optimizer(model, t.lr, t.weight_decay, t.betas))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
     scaler = DynamicLossScaler(enabled=t.precision == "fp16")
 
@@ -69,14 +78,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[raymoe] resumed from step {step} ({Path(ckpt_dir).name}) on {world} workers", flush=True)
     else:
-        torch.manual_seed(t.seed + 1 + rank)  # per-rank stream for dropout/jitter after the shared init
+        # Per data-parallel rank stream for dropout/jitter after the shared init: TP ranks must
+        # draw the same (they compute on the same tokens), pipeline stages may.
+        torch.manual_seed(t.seed + 1 + dp_rank)
 
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    ddp_model = apply_data_parallel(model, device)
-
-    batches = task.train_batches(t.global_batch_size, t.micro_batch_size, rank, world, t.seed)
-    eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, rank, world)
     log = build_metrics(job.metrics, c.run_name, run_dir, Path(loop_config["storage"]), rank)
     timers = _exchange_timers(model, device)
     peak = job.metrics.peak_flops or (measure_peak_flops(device) if rank == 0 else 0.0)
@@ -84,21 +89,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     moe = getattr(job.model, "moe", None)
     moe_layout = (job.model.moe_layer_ids, moe.num_experts) if moe is not None else None
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len
-    flops_per_token = model.flops_per_token(batches.dataset.seq_len)
 
     def run_eval() -> dict:
-        metrics = task.eval_metrics(evaluate(ddp_model, task, eval_set, t.precision, device))
+        metrics = task.eval_metrics(evaluate(par, task, eval_set, t.precision, device))
         log.log(metrics, step)
         return metrics
 
     log.log({"event": "launch_start", "resumed_from": step, "world_size": world,
-             "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(job.parallel_dims(world))}, step)
+             "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(dims)}, step)
     pace = loop_config.get("pace_file")
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
     while step < stop:
-        result = train_step(ddp_model, task, batches.batches_for_step(step * t.global_batch_size),
+        result = train_step(par, task, batches.batches_for_step(step * t.global_batch_size),
                             optimizer, scaler, t.precision, device, t.grad_clip, moe_layout)
         scheduler.step()
         step += 1

@@ -1,6 +1,9 @@
 """One optimizer step over micro-batches (gradient accumulation), and evaluation.
 
-Kept apart from the Ray loop so that tests can drive exactly the code that training runs.
+Kept apart from the Ray loop so that tests can drive exactly the code that training runs. The
+model is a plain/DDP module, or a `parallel.Parallelized` (tensor/pipeline layouts): then a
+pipeline schedule runs the micro-batches, gradients are reduced by the layout, and only one rank
+per data-parallel replica adds its loss to the reported totals.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import torch.nn as nn
 from cluster.amp import DynamicLossScaler, autocast
 from moe.layer import set_aux_loss_scale
 from moe.stats import finish_step, moe_layers
-from parallel.expert_parallel import clip_grad_norm, reduce_expert_grads
+from parallel import Parallelized
+from parallel.expert_parallel import reduce_expert_grads
+from parallel.grads import clip_grad_norm
 
 
 @dataclass
@@ -34,8 +39,8 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimizer: torch.optim.Optimizer,
-               scaler: DynamicLossScaler, precision: str, device: torch.device,
+def train_step(model: nn.Module | Parallelized, task, micro_batches: list[np.ndarray],
+               optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler, precision: str, device: torch.device,
                grad_clip: float | None, moe_layout: tuple[list[int], int] | None = None) -> StepResult:
     """Forward/backward every micro-batch, then (unless fp16 overflowed) clip and step.
 
@@ -44,10 +49,43 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
     then averages equal-sized rank shares into the global-batch mean. MoE auxiliary losses get
     the same weight as their micro-batch's task loss (see moe.losses.attach_aux_loss).
     `moe_layout` = (every MoE layer id of the model, experts per layer) fixes the shape of the
-    statistics reduction even on a rank that holds none of them.
+    statistics reduction even on a rank that holds none of them (a pipeline stage).
     """
-    layers = moe_layers(model)
+    par = model if isinstance(model, Parallelized) else None
+    plain = par.model if par else model
+    layers = moe_layers(plain)
     local_targets = sum(task.num_targets(b) for b in micro_batches)
+    if par is not None and par.pipeline is not None:
+        loss_sum = _pipeline_pass(par, task, micro_batches, layers, scaler, precision, device, local_targets)
+    else:
+        loss_sum = _accumulate(par.forward_model if par else model, task, micro_batches, layers, scaler,
+                               precision, device, local_targets)
+    if par is not None:
+        par.reduce_grads()
+    else:
+        reduce_expert_grads(model)  # no-op without expert parallelism
+    params = [p for p in plain.parameters() if p.grad is not None]
+    overflow = scaler.unscale_and_check(params)
+    grad_norm = clip_grad_norm(params, grad_clip)
+    if not overflow:
+        optimizer.step()
+    scaler.update(overflow)
+    optimizer.zero_grad(set_to_none=True)
+    if par is not None and not par.counts_moe_stats:
+        for layer in layers:  # NOTE: TP ranks saw the same routing; TP rank 0 reports it
+            layer.stats.take(device)
+    ids, num_experts = moe_layout or (None, None)
+    moe_summary = finish_step(layers, device, update_bias=not overflow, layer_ids=ids,
+                              num_experts=num_experts)  # once per step, on every rank
+    counted = par is None or par.counts_loss
+    totals = torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)])
+    totals = _all_reduce_sum(totals if counted else torch.zeros_like(totals))
+    return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
+                      targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
+                      moe=moe_summary or None)
+
+
+def _accumulate(model, task, micro_batches, layers, scaler, precision, device, local_targets) -> torch.Tensor:
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
         set_aux_loss_scale(layers, scaler.scale * task.num_targets(batch) / local_targets)
@@ -59,33 +97,58 @@ def train_step(model: nn.Module, task, micro_batches: list[np.ndarray], optimize
                 loss, _ = task.loss_sum(model, batch, device)
             scaler.scale_loss(loss / local_targets).backward()
         loss_sum += loss.detach()
-    reduce_expert_grads(model)  # no-op without expert parallelism
-    params = [p for p in model.parameters() if p.grad is not None]
-    overflow = scaler.unscale_and_check(params)
-    grad_norm = clip_grad_norm(params, grad_clip)
-    if not overflow:
-        optimizer.step()
-    scaler.update(overflow)
-    optimizer.zero_grad(set_to_none=True)
-    ids, num_experts = moe_layout or (None, None)
-    moe_summary = finish_step(layers, device, update_bias=not overflow, layer_ids=ids,
-                              num_experts=num_experts)  # once per step, on every rank
-    totals = _all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)]))
-    return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
-                      targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
-                      moe=moe_summary or None)
+    return loss_sum
+
+
+def _pipeline_pass(par: Parallelized, task, micro_batches, layers, scaler, precision, device,
+                   local_targets) -> torch.Tensor:
+    """The step's sequences as `par.microbatches` equal pipeline micro-batches (default: the step's
+    own micro-batches); the loss is computed on the last stage, per micro-batch."""
+    inputs, targets = task.inputs_targets(np.concatenate(micro_batches), device)
+    n_micro = par.microbatches or len(micro_batches)
+    set_aux_loss_scale(layers, scaler.scale / n_micro)  # equal micro-batches: equal shares
+    sums: list[torch.Tensor] = []
+
+    def loss_fn(output, target):
+        loss = task.output_loss_sum(output, target)
+        sums.append(loss.detach())
+        return scaler.scale_loss(loss / local_targets)
+
+    with autocast(precision, device):
+        par.pipeline.run(inputs, targets, n_micro, loss_fn)
+    return torch.stack(sums).sum() if sums else torch.zeros((), device=device)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task, batches: list[np.ndarray], precision: str, device: torch.device) -> float:
+def evaluate(model: nn.Module | Parallelized, task, batches: list[np.ndarray], precision: str,
+             device: torch.device) -> float:
     """Mean loss per target over every rank's evaluation batches (ranks may hold unequal counts)."""
-    was_training = model.training
-    model.eval()
+    par = model if isinstance(model, Parallelized) else None
+    plain = par.model if par else model
+    was_training = plain.training
+    plain.eval()
     totals = torch.zeros(2, device=device)
     for batch in batches:
         with autocast(precision, device):
-            loss, n = task.loss_sum(model, batch, device)
+            if par is not None and par.pipeline is not None:
+                loss, n = _pipeline_eval(par, task, batch, device)
+            else:
+                loss, n = task.loss_sum(par.forward_model if par else model, batch, device)
         totals += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
+    if par is not None and not par.counts_loss:
+        totals.zero_()
     _all_reduce_sum(totals)
-    model.train(was_training)
+    plain.train(was_training)
     return (totals[0] / totals[1].clamp_min(1)).item()
+
+
+def _pipeline_eval(par: Parallelized, task, batch, device) -> tuple[torch.Tensor, int]:
+    inputs, targets = task.inputs_targets(batch, device)
+    sums: list[torch.Tensor] = []
+
+    def loss_fn(output, target):
+        sums.append(task.output_loss_sum(output, target))
+        return sums[-1]
+
+    par.pipeline.run(inputs, targets, 1, loss_fn, train=False)
+    return (sums[0] if sums else torch.zeros((), device=device)), targets.numel()

@@ -28,6 +28,12 @@ class Task(Protocol):
     def loss_sum(self, model: nn.Module, batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, int]:
         """Summed loss over the batch's targets (fp32) and the number of targets."""
 
+    def inputs_targets(self, batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's input and the loss's targets (a pipeline feeds them to different stages)."""
+
+    def output_loss_sum(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed loss of a model output against its targets (fp32)."""
+
     def num_targets(self, batch: np.ndarray) -> int: ...
 
     def eval_metrics(self, mean_loss: float) -> dict[str, float]: ...
@@ -61,11 +67,15 @@ class LanguageModeling:
         return eval_batches(TokenDataset(self.path, "val"), num, micro_batch_size, rank, world)
 
     def loss_sum(self, model, batch, device):
+        inputs, targets = self.inputs_targets(batch, device)
+        return self.output_loss_sum(model(inputs), targets), targets.numel()
+
+    def inputs_targets(self, batch, device):
         tokens = torch.from_numpy(batch).to(device, non_blocking=True)
-        logits = model(tokens[:, :-1])
-        targets = tokens[:, 1:]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
-        return loss, targets.numel()
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def output_loss_sum(self, logits, targets):
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
 
     def num_targets(self, batch):
         return batch.shape[0] * (batch.shape[1] - 1)

@@ -124,7 +124,9 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> nn.Module:
     """Keep this rank's slice of every MoE layer's experts and install the all-to-all dispatcher.
 
     Also tags every expert parameter with how its gradient is reduced (see reduce_expert_grads);
-    with ep == 1 only the tags are set (experts are then reduced like everything else).
+    with ep == 1 only the tags are set (experts are then reduced like everything else, by DDP
+    in a data-parallel-only run). Under tensor parallelism the experts are whole on every TP rank,
+    so their group (`groups.edp`) spans edp x tp ranks.
     """
     dims = groups.dims
     ep_rank = dims.ep_rank(groups.rank)
@@ -138,10 +140,12 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> nn.Module:
             experts.num_experts, experts.expert_offset = n, ep_rank * n
             layer.dispatcher = AllToAllDispatcher(groups.ep, dims.ep, n)
         for p in (experts.w13, experts.w2):
-            p.expert_parallel = dims.ep > 1
+            # Reduced here rather than by DDP when sharded (EP) or when there is no DDP (TP, PP).
+            p.expert_parallel = dims.ep > 1 or dims.tp > 1 or dims.pp > 1
             p.ep_group = groups.ep
-            p.edp_group = groups.edp if dims.edp > 1 else None
+            p.edp_group = groups.edp if dims.edp * dims.tp > 1 else None
             p.grad_divisor = dims.dp
+            p.norm_copies = dims.edp * dims.tp  # ranks holding this same tensor (parallel.grads)
     return model
 
 
@@ -154,7 +158,9 @@ def reduce_expert_grads(model: nn.Module) -> None:
 
     Under EP each expert's gradient already holds the contributions of every rank of its EP group
     (the backward exchange brings them), so summing over the EDP group covers all ranks once; the
-    division makes it the mean over ranks like the other parameters. One all-reduce per group.
+    division makes it the mean over ranks like the other parameters. Under TP each TP rank ran
+    different tokens through the same experts, so the group also spans TP and the sum adds them.
+    One all-reduce per group.
     """
     by_group: dict = {}
     for p in model.parameters():
@@ -168,30 +174,3 @@ def reduce_expert_grads(model: nn.Module) -> None:
                 g.copy_(new)
         for g in grads:
             g.div_(divisor)
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
-    """Global gradient norm (then clipped to `max_norm` unless None), expert shards included.
-
-    Under EP each rank holds different experts, so their squared norms are summed over the EP
-    group; every rank then computes the same norm and the same clipping coefficient (a local
-    norm would scale the replicated weights differently on each rank and let them drift apart).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    sharded = [p.grad for p in params if p.grad is not None and getattr(p, "expert_parallel", False)]
-    replicated = [p.grad for p in params if p.grad is not None and not getattr(p, "expert_parallel", False)]
-    sq = grads[0].new_zeros((), dtype=torch.float32)
-    if replicated:
-        sq = sq + torch.stack(torch._foreach_norm(replicated)).float().square().sum()
-    if sharded:
-        sq_sharded = torch.stack(torch._foreach_norm(sharded)).float().square().sum()
-        group = next(p.ep_group for p in params if getattr(p, "expert_parallel", False))
-        dist.all_reduce(sq_sharded, group=group)
-        sq = sq + sq_sharded
-    norm = sq.sqrt()
-    if max_norm is not None:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return norm

@@ -1,31 +1,42 @@
 """`ParallelDims`: every parallel degree of a run, validated once, and the process groups it needs.
 
-Layout (ranks are numbered consecutively inside an expert-parallel group):
-  world = dp                       (tensor and pipeline parallelism are not implemented yet)
-  dp    = ep * edp                 ep ranks split the experts; edp ranks hold the same experts
-  EP group g:  ranks [g*ep, (g+1)*ep)        all-to-all token exchange
-  EDP group j: ranks {j, j+ep, j+2ep, ...}   expert gradients are reduced here
+Layout: the mesh pp x dp x tp, tensor parallelism innermost (its ranks are neighbours: on GPUs
+they share a node and its fast links), pipeline outermost:
+  rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+  TP group:   ranks that differ only in tp_rank            sharded matmuls, all-reduces every block
+  DP group:   ranks that differ only in dp_rank            gradients of replicated weights averaged
+  PP group:   ranks that differ only in pp_rank            activations sent stage to stage
+Expert parallelism is carved from dp: dp = ep * edp.
+  EP group:   ep consecutive dp ranks (same pp, tp)        all-to-all token exchange
+  expert group: the edp x tp ranks (same pp, same ep rank) that hold the same experts; expert
+              gradients are summed over it (under TP each TP rank computes different tokens)
 Every rank of an EP group reads different data (ep divides dp), so the exchange moves real work.
 No global state: the groups live in a `ProcessGroups` object that is passed to who needs it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
+
+# Families whose models `parallel.tensor_parallel` and `parallel.pipeline` know how to cut: an
+# `embed`, a `ModuleDict` of blocks `layers` called as block(x, cos, sin), a final `norm`, an
+# optional `head`, and attention/MLP submodules named attn.wq/wk/wv/wo and mlp.w1/w2/w3.
+TP_PP_ARCHS = ("transformer", "moe_transformer")
 
 
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def resolve_ep(ep: int | str | None, world: int, num_experts: int | None) -> int:
+def resolve_ep(ep: int | str | None, dp: int, num_experts: int | None) -> int:
     """An EP degree from a number or the policy "auto": the largest divisor of both the
     data-parallel size and the number of experts (1 for a model without experts)."""
     if ep is None or num_experts is None:
         return 1 if ep in (None, "auto") else int(ep)
     if ep == "auto":
-        return max(d for d in divisors(world) if num_experts % d == 0)
+        return max(d for d in divisors(dp) if num_experts % d == 0)
     return int(ep)
 
 
@@ -34,21 +45,38 @@ class ParallelDims:
     world: int
     dp: int
     ep: int = 1
+    tp: int = 1
+    pp: int = 1
 
     @staticmethod
-    def build(world: int, ep: int | str | None = None, num_experts: int | None = None) -> "ParallelDims":
-        dims = ParallelDims(world=world, dp=world, ep=resolve_ep(ep, world, num_experts))
-        dims.validate(num_experts)
+    def build(world: int, ep: int | str | None = None, num_experts: int | None = None, *, tp: int = 1,
+              pp: int = 1, dp: int | None = None, model_cfg: Any = None) -> "ParallelDims":
+        """The layout of `world` ranks; `dp` null = what tp and pp leave. Raises ValueError naming the
+        `parallel.*` field and listing the valid layouts for this world size."""
+        if dp is not None and dp * tp * pp != world:
+            raise ValueError(f"parallel.dp: {dp} != cluster.num_workers={world} / (parallel.tp={tp} x parallel.pp={pp}); "
+                             f"{layouts_message(world, model_cfg)}")
+        if dp is None:
+            dp = world // (tp * pp) if world % (tp * pp) == 0 else 0
+        dims = ParallelDims(world=world, dp=dp, ep=resolve_ep(ep, max(dp, 1), num_experts), tp=tp, pp=pp)
+        dims.validate(num_experts, model_cfg)
         return dims
 
     @property
     def edp(self) -> int:
         return self.dp // self.ep
 
-    def validate(self, num_experts: int | None) -> None:
-        if self.dp != self.world:
-            raise ValueError(f"parallel.dp: {self.dp} != world size {self.world} (tensor/pipeline parallelism "
-                             "are not implemented, so every worker is a data-parallel rank)")
+    def validate(self, num_experts: int | None, model_cfg: Any = None) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.pp * self.dp * self.tp != self.world:
+            raise ValueError(f"parallel: pp={self.pp} x dp={self.dp or '?'} x tp={self.tp} does not make the world "
+                             f"size {self.world}; {layouts_message(self.world, model_cfg)}")
+        if model_cfg is not None:
+            problem = layout_problem(self.pp, self.tp, model_cfg)
+            if problem:
+                raise ValueError(f"{problem}; {layouts_message(self.world, model_cfg)}")
         if self.ep < 1 or self.dp % self.ep:
             valid = ", ".join(map(str, divisors(self.dp)))
             raise ValueError(f"parallel.ep: {self.ep} does not divide the data-parallel size {self.dp}; "
@@ -59,40 +87,132 @@ class ParallelDims:
             if num_experts % self.ep:
                 valid = ", ".join(str(d) for d in divisors(self.dp) if num_experts % d == 0)
                 raise ValueError(f"parallel.ep: {self.ep} does not divide model.moe.num_experts={num_experts}; "
-                                 f"valid with {self.dp} workers: {valid}, or 'auto'")
+                                 f"valid with {self.dp} data-parallel ranks: {valid}, or 'auto'")
+
+    # ---------------------------------------------------------------- coordinates of a rank
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        return rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
     def ep_rank(self, rank: int) -> int:
-        return rank % self.ep
+        return self.coords(rank)[1] % self.ep
 
     def ep_group_ranks(self, rank: int) -> list[int]:
-        start = rank - rank % self.ep
-        return list(range(start, start + self.ep))
+        p, d, t = self.coords(rank)
+        start = d - d % self.ep
+        return [self.rank_of(p, j, t) for j in range(start, start + self.ep)]
 
     def edp_group_ranks(self, rank: int) -> list[int]:
-        return list(range(rank % self.ep, self.world, self.ep))
+        """Ranks that hold the same experts as `rank` (same stage and EP rank): edp x tp of them."""
+        p, d, _ = self.coords(rank)
+        return [self.rank_of(p, j, t) for j in range(d % self.ep, self.dp, self.ep) for t in range(self.tp)]
+
+    def tp_group_ranks(self, rank: int) -> list[int]:
+        p, d, _ = self.coords(rank)
+        return [self.rank_of(p, d, t) for t in range(self.tp)]
+
+    def dp_group_ranks(self, rank: int) -> list[int]:
+        p, _, t = self.coords(rank)
+        return [self.rank_of(p, j, t) for j in range(self.dp)]
+
+    def pp_group_ranks(self, rank: int) -> list[int]:
+        _, d, t = self.coords(rank)
+        return [self.rank_of(j, d, t) for j in range(self.pp)]
+
+
+def layout_problem(pp: int, tp: int, model_cfg: Any) -> str | None:
+    """Why the model cannot be cut into `pp` stages and `tp` shards (None if it can)."""
+    if pp == 1 and tp == 1:
+        return None
+    arch = getattr(model_cfg, "arch", None)
+    if arch not in TP_PP_ARCHS:
+        return (f"parallel.tp/pp: tensor and pipeline parallelism support model.arch {' and '.join(TP_PP_ARCHS)}, "
+                f"not {arch!r}; use parallel.tp=1 and parallel.pp=1")
+    if pp > model_cfg.n_layers:
+        return f"parallel.pp: {pp} stages need at least {pp} layers (model.n_layers={model_cfg.n_layers})"
+    if tp > 1:
+        sizes = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": model_cfg.n_kv_heads or model_cfg.n_heads,
+                 "model.d_ff (MLP hidden width)": model_cfg.hidden}
+        moe = getattr(model_cfg, "moe", None)
+        if moe is not None and moe.shared_expert_hidden:
+            sizes["model.moe.shared_expert_hidden"] = moe.shared_expert_hidden
+        for name, size in sizes.items():
+            if size % tp:
+                return f"parallel.tp: {tp} does not divide {name}={size}"
+    return None
+
+
+def valid_layouts(world: int, model_cfg: Any = None) -> list[tuple[int, int, int]]:
+    """Every (pp, dp, tp) with pp x dp x tp = world that the model can hold."""
+    out = []
+    for pp in divisors(world):
+        for tp in divisors(world // pp):
+            if model_cfg is None or layout_problem(pp, tp, model_cfg) is None:
+                out.append((pp, world // (pp * tp), tp))
+    return out
+
+
+def layouts_message(world: int, model_cfg: Any = None) -> str:
+    shown = ", ".join(f"pp={p} x dp={d} x tp={t}" for p, d, t in valid_layouts(world, model_cfg))
+    return f"valid layouts for {world} worker(s): {shown}"
 
 
 @dataclass
 class ProcessGroups:
-    """The groups of one rank. `None` means the default (world) group."""
+    """The groups of one rank. `None` means "no group needed" (size 1), or for `ep`/`edp` in a
+    data-parallel-only run, see `build_groups`."""
 
     dims: ParallelDims
     rank: int
     ep: dist.ProcessGroup | None
     edp: dist.ProcessGroup | None
+    tp: dist.ProcessGroup | None = None
+    dp: dist.ProcessGroup | None = None
+    pp: dist.ProcessGroup | None = None
+    embed: dist.ProcessGroup | None = None  # first and last stage: the tied embedding's two copies
+
+    @property
+    def coords(self) -> tuple[int, int, int]:
+        return self.dims.coords(self.rank)
+
+
+def _new_groups(all_groups: list[list[int]], mine: list[int]) -> dist.ProcessGroup | None:
+    """Create every group of a family (all ranks must call new_group for each, in the same
+    order) and return the one that holds this rank; None for groups of one rank."""
+    found = None
+    for ranks in sorted({tuple(g) for g in all_groups}):
+        if len(ranks) < 2:
+            continue
+        group = dist.new_group(list(ranks))
+        if list(ranks) == mine:
+            found = group
+    return found
 
 
 def build_groups(dims: ParallelDims, rank: int) -> ProcessGroups:
-    """Create the EP and EDP groups (every rank must call this, in the same order)."""
-    ep_groups = {}
-    edp_groups = {}
+    """Create the groups this layout needs (every rank must call this, in the same order).
+
+    A data-parallel-only run (tp = pp = 1) creates only the EP and expert groups, as before:
+    its data-parallel group is the default (world) group.
+    """
+    everyone = range(dims.world)
+    groups = ProcessGroups(dims=dims, rank=rank, ep=None, edp=None)
     if dims.ep > 1:
-        for start in range(0, dims.world, dims.ep):
-            ranks = list(range(start, start + dims.ep))
-            ep_groups[tuple(ranks)] = dist.new_group(ranks)
-    if dims.ep > 1 and dims.edp > 1:
-        for j in range(dims.ep):
-            ranks = list(range(j, dims.world, dims.ep))
-            edp_groups[tuple(ranks)] = dist.new_group(ranks)
-    return ProcessGroups(dims=dims, rank=rank, ep=ep_groups.get(tuple(dims.ep_group_ranks(rank))),
-                         edp=edp_groups.get(tuple(dims.edp_group_ranks(rank))))
+        groups.ep = _new_groups([dims.ep_group_ranks(r) for r in everyone], dims.ep_group_ranks(rank))
+        groups.edp = _new_groups([dims.edp_group_ranks(r) for r in everyone], dims.edp_group_ranks(rank))
+    if dims.tp == 1 and dims.pp == 1:
+        return groups
+    if dims.ep == 1:  # experts are shared by every dp x tp rank of a stage
+        groups.edp = _new_groups([dims.edp_group_ranks(r) for r in everyone], dims.edp_group_ranks(rank))
+    groups.tp = _new_groups([dims.tp_group_ranks(r) for r in everyone], dims.tp_group_ranks(rank))
+    groups.dp = _new_groups([dims.dp_group_ranks(r) for r in everyone], dims.dp_group_ranks(rank))
+    groups.pp = _new_groups([dims.pp_group_ranks(r) for r in everyone], dims.pp_group_ranks(rank))
+    if dims.pp > 1:
+        def ends(r):
+            ranks = dims.pp_group_ranks(r)
+            return [ranks[0], ranks[-1]]
+        groups.embed = _new_groups([ends(r) for r in everyone], ends(rank))
+    return groups
