@@ -22,7 +22,12 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 
 @dataclass
 class TrainConfig:
-    task: Literal["lm"] = doc("training task (module in cluster/tasks.py)", "lm")
+    task: Literal["lm", "distill", "forecast", "image_text"] = doc(
+        "training task (cluster/tasks.py): lm; distill (soft targets of train.teacher, cluster/distill.py); "
+        "forecast (windows over a series, cluster/forecasting.py); image_text (cluster/image_text.py)", "lm")
+    teacher: str | None = doc("distill: the teacher's run directory (its latest complete checkpoint is used)", None)
+    distill_alpha: float = doc("distill: weight of the KL to the teacher; 1 - alpha weights the data loss", 0.5)
+    distill_temperature: float = doc("distill: softmax temperature of teacher and student (KL scaled by its square)", 1.0)
     steps: int = doc("optimizer steps in the whole run (the LR schedule spans them)", 200)
     stop_at_step: int | None = doc("end this launch after this step (a later launch of the same run resumes)", None)
     global_batch_size: int = doc("sequences per optimizer step over all workers", 16)
@@ -61,13 +66,20 @@ class TrainConfig:
                              f"micro_batch_size={self.micro_batch_size}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip: must be > 0 or null, got {self.grad_clip}")
+        if (self.task == "distill") != (self.teacher is not None):
+            raise ValueError("teacher: set it (a run directory) exactly when task: distill; "
+                             f"got task={self.task!r}, teacher={self.teacher!r}")
+        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
+            raise ValueError(f"distill_alpha/distill_temperature: need alpha in [0, 1] and temperature > 0, got "
+                             f"{self.distill_alpha}/{self.distill_temperature}")
 
 
 @dataclass
 class DataConfig:
     path: str = doc("dataset directory written by `python -m jobs.prepare_data`", "data/pydoc-byte")
-    builtin: Literal["pydoc"] | None = doc(
-        "if path does not exist, prepare this built-in corpus there first; null = path must exist", "pydoc")
+    builtin: Literal["pydoc", "co2", "sunspots", "digits"] | None = doc(
+        "if path does not exist, prepare this bundled dataset there first (pydoc text for lm; co2 or sunspots "
+        "for forecast; digits for image_text); null = path must exist", "pydoc")
     tokenizer: Literal["byte", "bpe"] = doc("tokenizer used when the built-in corpus is prepared", "byte")
     seq_len: int = doc("sequence length used when the built-in corpus is prepared", 256)
 
@@ -164,6 +176,10 @@ class MetricsConfig:
             raise ValueError(f"peak_flops: must be > 0 or null, got {self.peak_flops}")
 
 
+# The bundled datasets each task can prepare on first use (data.builtin).
+BUILTIN_DATA = {"lm": ("pydoc",), "distill": ("pydoc",), "forecast": ("co2", "sunspots"), "image_text": ("digits",)}
+
+
 @dataclass
 class JobConfig:
     model: Any = doc("model family config: `arch`, optional `preset`, then the family's fields",
@@ -176,6 +192,10 @@ class JobConfig:
 
     def __post_init__(self):
         t, c, par = self.train, self.cluster, self.parallel
+        builtins = BUILTIN_DATA[t.task]
+        if self.data.builtin is not None and self.data.builtin not in builtins:
+            raise ConfigError(f"data.builtin: {self.data.builtin!r} is not data for train.task={t.task}; use "
+                              f"{' or '.join(builtins)}, or null with a data.path made by jobs.prepare_data")
         if par.dp is not None and c.min_workers is not None:
             raise ConfigError(f"parallel.dp: a fixed {par.dp} cannot hold at every size of the elastic range "
                               f"{c.min_workers}..{c.num_workers}; set it to null")

@@ -23,7 +23,7 @@ from cluster.amp import DynamicLossScaler
 from cluster.config import JobConfig
 from cluster.metrics import build_metrics, measure_peak_flops
 from cluster.optim import build_optimizer, build_scheduler
-from cluster.step import evaluate, train_step
+from cluster.step import evaluate_task, train_step
 from cluster.tasks import build_task
 from parallel.mesh import build_groups
 
@@ -47,7 +47,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _, dp_rank, _ = dims.coords(rank)
     # The model is initialised identically on every rank from the seed (no broadcast needed).
     torch.manual_seed(t.seed)
-    task = build_task(t.task, job.data)
+    task = build_task(t.task, job.data, t)
     # Every rank of a data-parallel replica (its TP ranks and pipeline stages) reads its data.
     batches = task.train_batches(t.global_batch_size, t.micro_batch_size, dp_rank, dims.dp, t.seed)
     eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, dp_rank, dims.dp)
@@ -91,7 +91,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len
 
     def run_eval() -> dict:
-        metrics = task.eval_metrics(evaluate(par, task, eval_set, t.precision, device))
+        metrics = evaluate_task(par, task, eval_set, t.precision, device)
         log.log(metrics, step)
         return metrics
 
@@ -194,9 +194,13 @@ def _quiet_ray_train_reports() -> None:
     logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
 
 
+TASK_METRICS = (("val_mae", "MAE"), ("match_acc", "match@10"), ("recall_at_1", "R@1"))
+
+
 def print_progress(r: dict, stop: int, total: int, elapsed: float, done: int) -> None:
     left = elapsed / max(done, 1) * (stop - r["step"])
     val = f" | val {r['val_loss']:.3f}" if "val_loss" in r else ""
+    val += "".join(f" | {label} {r[key]:.3f}" for key, label in TASK_METRICS if key in r)
     if "moe" in r:
         worst = max(r["moe"], key=lambda s: s["imbalance"])
         val += (f" | aux {r['aux_loss']:.4f} | imbalance {worst['imbalance']:.2f}"

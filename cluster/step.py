@@ -119,27 +119,50 @@ def _pipeline_pass(par: Parallelized, task, micro_batches, layers, scaler, preci
     return torch.stack(sums).sum() if sums else torch.zeros((), device=device)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module | Parallelized, task, batches: list[np.ndarray], precision: str,
              device: torch.device) -> float:
     """Mean loss per target over every rank's evaluation batches (ranks may hold unequal counts)."""
+    return _evaluate(model, task, batches, precision, device)[0]
+
+
+def evaluate_task(model: nn.Module | Parallelized, task, batches: list[np.ndarray], precision: str,
+                  device: torch.device) -> dict[str, float]:
+    """The task's evaluation metrics: `task.eval_metrics(mean loss)` plus the means of the
+    task's `metric_sums` (e.g. MAE, matching accuracy) over every rank's batches."""
+    loss, extra = _evaluate(model, task, batches, precision, device)
+    return {**task.eval_metrics(loss), **extra}
+
+
+@torch.no_grad()
+def _evaluate(model, task, batches, precision, device) -> tuple[float, dict[str, float]]:
     par = model if isinstance(model, Parallelized) else None
     plain = par.model if par else model
     was_training = plain.training
     plain.eval()
-    totals = torch.zeros(2, device=device)
+    names = list(getattr(task, "metric_names", ()))
+    # One fixed-size vector (loss sum, count, then a sum and a count per metric): a rank without
+    # evaluation batches, or without some metric, still joins the same single all-reduce.
+    totals = torch.zeros(2 + 2 * len(names), device=device, dtype=torch.float64)
     for batch in batches:
         with autocast(precision, device):
             if par is not None and par.pipeline is not None:
                 loss, n = _pipeline_eval(par, task, batch, device)
             else:
                 loss, n = task.loss_sum(par.forward_model if par else model, batch, device)
-        totals += torch.stack([loss.float(), torch.tensor(float(n), device=device)])
+            totals[:2] += torch.stack([loss.detach().double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+            if names:
+                sums = task.metric_sums(par.forward_model if par else model, batch, device)
+                for i, name in enumerate(names):
+                    if name in sums:
+                        totals[2 + 2 * i] += sums[name][0]
+                        totals[3 + 2 * i] += sums[name][1]
     if par is not None and not par.counts_loss:
         totals.zero_()
     _all_reduce_sum(totals)
     plain.train(was_training)
-    return (totals[0] / totals[1].clamp_min(1)).item()
+    t = totals.tolist()
+    extra = {name: t[2 + 2 * i] / t[3 + 2 * i] for i, name in enumerate(names) if t[3 + 2 * i] > 0}
+    return t[0] / max(t[1], 1.0), extra
 
 
 def _pipeline_eval(par: Parallelized, task, batch, device) -> tuple[torch.Tensor, int]:

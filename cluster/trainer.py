@@ -27,18 +27,23 @@ from cluster.tasks import build_task
 
 def prepare_data(job: JobConfig) -> None:
     """Create the built-in corpus if `data.path` does not exist and `data.builtin` names one."""
-    d = job.data
+    d, m = job.data, job.model
     if d.builtin is not None and not Path(d.path).exists():
-        from jobs.prepare_data import ensure_default_dataset
+        from jobs.prepare_data import ensure_default_dataset, ensure_task_dataset
 
-        print(f"[raymoe] preparing the built-in '{d.builtin}' corpus at {d.path} ...", flush=True)
-        ensure_default_dataset(d.path, d.seq_len, tokenizer=d.tokenizer)
+        print(f"[raymoe] preparing the built-in '{d.builtin}' data at {d.path} ...", flush=True)
+        if d.builtin == "pydoc":
+            ensure_default_dataset(d.path, d.seq_len, tokenizer=d.tokenizer)
+        elif d.builtin == "digits":
+            ensure_task_dataset("image_text", "digits", d.path, text_len=40, image_size=getattr(m, "image_size", 8))
+        else:
+            ensure_task_dataset("forecast", d.builtin, d.path, context_len=m.context_len, horizon=m.horizon)
 
 
 def resolve(job: JobConfig) -> JobConfig:
     """Absolute paths (workers may run elsewhere) and data-dependent model fields."""
     data = dataclasses.replace(job.data, path=str(Path(job.data.path).resolve()))
-    task = build_task(job.train.task, data)  # reads and checks the dataset's metadata
+    task = build_task(job.train.task, data, job.train)  # reads and checks the dataset's metadata
     model = task.configure_model(job.model)
     return dataclasses.replace(job, data=data, model=model)
 
@@ -140,7 +145,8 @@ def summarize(run_dir: Path, wall_s: float) -> dict:
         "final_aux_loss": aux.get(last_step),
         "first_val_loss": evals[0]["val_loss"] if evals else None,
         "last_val_loss": evals[-1]["val_loss"] if evals else None,
-        "last_val_ppl": evals[-1]["val_ppl"] if evals else None,
+        "last_val_ppl": evals[-1].get("val_ppl") if evals else None,
+        "last_eval": {k: v for k, v in evals[-1].items() if k not in ("time", "step")} if evals else {},
         "tokens_per_s": launch[-1]["tokens_per_s"] if launch else None,
         "world_size": launch[-1]["world_size"] if launch else None,
         "wall_s": wall_s,

@@ -68,6 +68,9 @@ def print_summary(s: dict) -> None:
         print(f"  MoE aux loss     {f(s['final_aux_loss'], '.4f')}")
     print(f"  val loss         {f(s['first_val_loss'], '.4f')} -> {f(s['last_val_loss'], '.4f')}"
           f"  (ppl {f(s['last_val_ppl'], '.2f')})")
+    task_metrics = {k: v for k, v in s.get("last_eval", {}).items() if k not in ("val_loss", "val_ppl")}
+    if task_metrics:
+        print("  task metrics     " + "   ".join(f"{k} {v:.4f}" for k, v in task_metrics.items()))
     print(f"  throughput       {f(s['tokens_per_s'], ',.0f')} tokens/s on {s['world_size']} workers")
     print(f"  wall time        {s['wall_s']:.1f} s")
     print(f"  summary          {s['run_dir']}/summary.json")
