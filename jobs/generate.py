@@ -18,8 +18,15 @@ from cluster.config import model_from_dict
 from cluster.tokenizer import load_tokenizer
 
 
-def load_run(run_dir: str | Path, step: int | None = None):
-    """(model, tokenizer, checkpoint path) of a run's latest complete checkpoint (or `step`'s)."""
+def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_memory_bytes: int | None = None,
+             offload_dir: str | Path | None = None):
+    """(model, tokenizer, checkpoint path) of a run's latest complete checkpoint (or `step`'s).
+
+    Any parallel layout's checkpoint loads here on one process (experts are keyed by global
+    index). `model_cfg`: the model the caller expects; a checkpoint of another model (another
+    architecture, another shape) is refused. `max_memory_bytes` + `offload_dir`: a model larger
+    than memory loads through accelerate (cluster/deploy.py: blocks beyond the budget stay on disk).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
@@ -30,9 +37,18 @@ def load_run(run_dir: str | Path, step: int | None = None):
     else:
         ckpt = run_dir / checkpoint.dir_name(step)
     meta = checkpoint.read_meta(ckpt)
+    if model_cfg is not None:
+        checkpoint.check_model(meta, model_cfg, ckpt)
     model_cfg = model_from_dict(meta["model"])
-    model = archs.build(model_cfg)
-    checkpoint.load_model_weights(ckpt, model, model_cfg)
+    if max_memory_bytes is not None:
+        from cluster.deploy import load_offloaded
+
+        if offload_dir is None:
+            raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
+        model = load_offloaded(ckpt, model_cfg, max_memory_bytes, offload_dir)
+    else:
+        model = archs.build(model_cfg)
+        checkpoint.load_model_weights(ckpt, model, model_cfg)
     return model.eval(), load_tokenizer(run_dir / "tokenizer"), ckpt
 
 
@@ -48,10 +64,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--step", type=int, default=None, help="load this step's checkpoint instead of the latest")
+    p.add_argument("--max-memory-mb", type=float, default=None,
+                   help="keep at most this many MB of weights in memory; the other blocks are offloaded to disk "
+                        "(accelerate) and loaded for their own forward only: a model larger than memory")
+    p.add_argument("--offload-dir", default=None, help="where offloaded weights go (default: RUN_DIR/offload)")
     args = p.parse_args(argv)
     try:
-        model, tok, ckpt = load_run(args.run_dir, args.step)
-    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        offload = {}
+        if args.max_memory_mb is not None:
+            offload = dict(max_memory_bytes=int(args.max_memory_mb * 2**20),
+                           offload_dir=args.offload_dir or Path(args.run_dir) / "offload")
+        model, tok, ckpt = load_run(args.run_dir, args.step, **offload)
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ids = tok.encode(args.prompt)
@@ -68,6 +92,12 @@ def main(argv=None) -> int:
     out = generate(model, prompt, max_new, args.temperature, args.top_k, args.top_p, gen, eos_id=tok.eos_id)
     dt = time.perf_counter() - t0
     print(f"# {ckpt}", file=sys.stderr)
+    if args.max_memory_mb is not None:
+        from cluster.deploy import resident_bytes
+
+        disk = [name for name, where in model.device_map.items() if where == "disk"]
+        print(f"# {resident_bytes(model) / 2**20:.2f} MB of weights resident (budget {args.max_memory_mb} MB); "
+              f"offloaded to disk: {', '.join(disk) or 'nothing'}", file=sys.stderr)
     for row in out.tolist():
         print(tok.decode(row))
         print("-" * 40)
