@@ -24,7 +24,7 @@ _REGISTRY: dict[str, Family] = {}
 # Modules whose import registers a family. Imported on first lookup, not at package import, so
 # that `moe/` can use `archs.common` without a cycle (the MoE transformer imports `moe`).
 _FAMILY_MODULES = ("archs.transformer", "archs.moe_transformer", "archs.hourglass", "archs.sparse_attention",
-                   "archs.performer", "archs.mamba")
+                   "archs.performer", "archs.mamba", "archs.forecast", "archs.multimodal")
 
 
 def _load_families() -> None:

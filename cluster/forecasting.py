@@ -103,6 +103,8 @@ def prepare_forecast(source: str, out: str | Path, context_len: int = 64, horizo
 class Forecasting:
     """Batches are structured arrays with fields x [B, L, C], y [B, H, C] (standardised)."""
 
+    metric_names = ("val_mae",)
+
     def __init__(self, data_path: str):
         self.path = data_path
         self.meta = read_sample_meta(data_path, KIND)

@@ -26,7 +26,7 @@ TEMPLATES = ["a handwritten digit {w}", "the number {w}, written by hand", "a sc
              "an image of the digit {d}"]
 CANDIDATE = "a handwritten digit {w}"  # the phrasing of the 10 candidates at evaluation
 NUM_CANDIDATES = 10
-RETRIEVAL_GROUP = 50  # recall@1: image -> caption among this many held-out pairs at a time
+RETRIEVAL_GROUP = 20  # recall@1: image -> caption among this many held-out pairs at a time
 
 
 def encode_caption(text: str, text_len: int) -> np.ndarray:
@@ -97,6 +97,8 @@ def prepare_image_text(source: str = "digits", out: str | Path = "data/digits", 
 class ImageText:
     """Batches are structured arrays: image [B, S, S] in [0, 1], tokens [B, T], label [B]."""
 
+    metric_names = ("match_acc", "recall_at_1", "moe_image_imbalance", "moe_text_imbalance")
+
     def __init__(self, data_path: str):
         self.path = data_path
         self.meta = read_sample_meta(data_path, KIND)
@@ -108,13 +110,12 @@ class ImageText:
         if not hasattr(model_cfg, "variant"):
             raise ValueError(f"model.arch={model_cfg.arch} is not an image-text model; train.task=image_text "
                              "needs model.arch: multimodal")
-        fill = {k: info[k] for k in ("vocab_size", "pad_id", "text_len", "image_size")
-                if getattr(model_cfg, k) is None}
-        model_cfg = dataclasses.replace(model_cfg, **fill) if fill else model_cfg
-        for name in ("text_len", "image_size", "pad_id"):
-            if getattr(model_cfg, name) != info[name]:
-                raise ValueError(f"model.{name}={getattr(model_cfg, name)} but the data at {self.path} has "
-                                 f"{name}={info[name]}; set model.{name}: null")
+        # The data define the captions' length and padding; the vocabulary only if the model leaves it open.
+        model_cfg = dataclasses.replace(model_cfg, text_len=info["text_len"], pad_id=info["pad_id"],
+                                        vocab_size=model_cfg.vocab_size or info["vocab_size"])
+        if model_cfg.image_size != info["image_size"]:
+            raise ValueError(f"model.image_size={model_cfg.image_size} but the images at {self.path} are "
+                             f"{info['image_size']}x{info['image_size']}; set model.image_size: {info['image_size']}")
         if model_cfg.vocab_size < info["vocab_size"]:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's "
                              f"{info['vocab_size']}; set it to null")
@@ -138,7 +139,7 @@ class ImageText:
 
     def loss_sum(self, model: nn.Module, batch, device):
         images, tokens = self._tensors(batch, device)
-        return model.loss_sum(images, tokens)
+        return model(images, tokens)  # the model's forward is its objective: (summed loss, count)
 
     def inputs_targets(self, batch, device):
         raise ValueError("train.task=image_text does not run under pipeline parallelism; set parallel.pp: 1")

@@ -9,6 +9,7 @@
   python -m jobs.bench archs [--quick]           # the architecture families side by side (jobs/bench_archs.py)
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (jobs/bench_parallel.py)
   python -m jobs.bench deploy --out FILE         # sizes, perplexity, ONNX Runtime latency, generation (jobs/bench_deploy.py)
+  python -m jobs.bench tasks [--quick]           # forecasters (hybrid vs plain) and image-text fusion variants (jobs/bench_tasks.py)
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -286,7 +287,8 @@ def print_table(results: list[dict]) -> None:
               f"{r['gflops']:8.1f} {r['ratio_to_dense']:8.2f}")
 
 
-SUBCOMMANDS = {"archs": "jobs.bench_archs", "parallel": "jobs.bench_parallel", "deploy": "jobs.bench_deploy"}
+SUBCOMMANDS = {"archs": "jobs.bench_archs", "parallel": "jobs.bench_parallel", "deploy": "jobs.bench_deploy",
+               "tasks": "jobs.bench_tasks"}
 
 
 def main(argv=None) -> int:

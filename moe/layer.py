@@ -37,6 +37,7 @@ class MoELayer(nn.Module):
         B, T, C = x_BTC.shape
         x_NC = x_BTC.reshape(-1, C)
         routing = self.router(x_NC)
+        self.last_counts_E = routing.counts_E.detach()  # read by families that split counts (multimodal)
         cap = capacity(B * T, self.cfg) if self.training and self.cfg.capacity_factor is not None else None
         d = self.dispatcher.dispatch(x_NC, routing, cap, self.cfg.drop_policy)
         y_MC = self.experts(d.x_MC, d.group_sizes_E, d.weight_M)  # routing weight applied inside
