@@ -16,6 +16,9 @@ Three implementations of the scan share one signature, `(x, dt, A, B, C, state) 
   "segsum" form); across chunks the state is carried by a loop over chunks (never over steps).
 - `selective_scan_ref`: the sequential recurrence, one step at a time (tests and benchmark).
 - `selective_scan_step`: one step for generation, O(1) time and memory per token.
+- `selective_scan_whole` (zero state in, no state out): the whole sequence as one chunk, a
+  [T, T] decay matrix and no loop; the export form that `Mamba.export_form()` selects so an ONNX
+  trace holds for every length. O(T^2) memory per head: export and inference only.
 `mamba_ssm`'s fused Triton scan is used instead of the chunked one only when the package imports
 and the tensors are on CUDA; it is never required. `scan_functions()` lists them for benchmarks.
 
@@ -24,6 +27,7 @@ Shape letters: B batch, T time, C model width, E inner width (expand * C), H hea
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -112,6 +116,30 @@ def selective_scan_chunked(x_BTHP: torch.Tensor, dt_BTH: torch.Tensor, A_H: torc
     y_BHcLP = y_BHcLP + (C_BcLN[:, None] @ entering_BHcPN.transpose(-1, -2)) * cum_BHcL.exp()[..., None]
     y_BTHP = y_BHcLP.permute(0, 2, 3, 1, 4).reshape(Bsz, nc * L, H, P)[:, :T]
     return y_BTHP, h
+
+
+def selective_scan_whole(x_BTHP: torch.Tensor, dt_BTH: torch.Tensor, A_H: torch.Tensor, B_BTN: torch.Tensor,
+                         C_BTN: torch.Tensor) -> torch.Tensor:
+    """The scan from a zero state with the whole sequence as ONE chunk: the export form.
+
+    y_t = sum_{s <= t} exp(sum_{s < k <= t} dt_k A) (C_t . B_s) dt_s x_s with the full [T, T]
+    "segsum" decay matrix, built from tensor ops on the input's shape only (a causal mask from
+    arange, a cumulative sum down the masked log-decays), so a trace holds for every length.
+    Each exponent is a sum of log-decays <= 0, summed directly rather than as a difference of
+    long cumulative sums. Returns y [B, T, H, P] (without the D skip); no final state. Costs
+    O(T^2 * H) memory and O(T^2 * (N + H * P)) time instead of the chunked O(T * chunk): used for
+    ONNX export and inference, never for training or generation.
+    """
+    T = x_BTHP.shape[1]
+    pos = torch.arange(T, device=x_BTHP.device)
+    causal_TT = pos[:, None] >= pos[None, :]
+    below_TT = pos[:, None] > pos[None, :]
+    logdecay_BHT = (dt_BTH * A_H).transpose(1, 2)
+    # seg[t, s] = sum of log-decays over s < k <= t: entries k > s of column s, summed down to row t.
+    seg_BHTT = (logdecay_BHT[..., :, None] * below_TT).cumsum(-2).masked_fill(~causal_TT, float("-inf"))
+    xdt_BHTP = (x_BTHP * dt_BTH[..., None]).transpose(1, 2)
+    scores_BTT = C_BTN @ B_BTN.transpose(-1, -2)
+    return ((seg_BHTT.exp() * scores_BTT[:, None]) @ xdt_BHTP).transpose(1, 2)
 
 
 def _mamba_ssm_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, state_BHPN=None, chunk: int = 64):
@@ -239,6 +267,7 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(H))
         self.norm = RMSNorm(E, eps=cfg.norm_eps)
         self.out_proj = nn.Linear(E, cfg.d_model, bias=False)
+        self.whole_sequence = False  # export form (`Mamba.export_form`): one [T, T] chunk, no cache
         self.reset_ssm_parameters()
 
     @torch.no_grad()
@@ -276,6 +305,8 @@ class MambaMixer(nn.Module):
             if cache is not None and T == 1:
                 y_BHP, state = selective_scan_step(x_BTHP[:, 0], dt_BTH[:, 0], A_H, B_BTN[:, 0], C_BTN[:, 0], state)
                 y_BTHP = y_BHP[:, None]
+            elif self.whole_sequence and cache is None:
+                y_BTHP = selective_scan_whole(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN)
             elif cfg.use_mamba_ssm and _mamba_ssm_available(x_BTHP):
                 y_BTHP, state = _mamba_ssm_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, state, cfg.chunk_size)
             else:
@@ -336,6 +367,23 @@ class Mamba(nn.Module):
             x = layer(x, cache)
         x = self.norm(x)
         return x @ self.embed.weight.t() if self.head is None else self.head(x)
+
+    @contextlib.contextmanager
+    def export_form(self):
+        """Inside: the cache-free forward runs each layer's scan as ONE [T, T] chunk
+        (`selective_scan_whole`): tensor ops on the input's shape, no Python loop over chunks, so a
+        trace (ONNX export) holds for every sequence length. Same function as the chunked scan;
+        O(T^2) memory per head instead of O(T * chunk_size). Training, cached generation and
+        everything outside the context keep the chunked (or mamba_ssm) scan."""
+        mixers = [m for m in self.modules() if isinstance(m, MambaMixer)]
+        before = [m.whole_sequence for m in mixers]
+        for m in mixers:
+            m.whole_sequence = True
+        try:
+            yield self
+        finally:
+            for m, b in zip(mixers, before):
+                m.whole_sequence = b
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> MambaCache:
         """A fresh recurrent state; `max_len` is accepted for the common interface (the state has fixed size)."""

@@ -6,7 +6,9 @@ row keeps a Gaussian norm), x = q / D^(1/4): an unbiased estimate whose error fa
 Causal attention is then a prefix sum over keys of phi(k_s) v_s^T and phi(k_s), computed in chunks
 (`favor_causal`): inside a chunk an [L, L] masked product, across chunks a running state, so time
 and memory are O(T) with a loop over chunks only. Generation carries the same state (running sum
-S [m, D], normaliser z [m] and a stabiliser offset per head): O(1) work per token.
+S [m, D], normaliser z [m] and a stabiliser offset per head): O(1) work per token. For ONNX
+export, `Performer.export_form()` switches the cache-free forward to one [T, T] chunk
+(`favor_causal_whole`: no loop, so the trace holds for every length; O(T^2) memory per head).
 
 Stabilisers (exact: each cancels between numerator and denominator):
 - queries: subtract each token's max over features;
@@ -25,6 +27,7 @@ V vocabulary.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -134,13 +137,46 @@ def favor_causal(qlog_BHTM: torch.Tensor, klog_BHTM: torch.Tensor, v_BHTD: torch
     return out.reshape(Bsz, H, nc * L, Dv)[:, :, :T], FavorState(S, z, off)
 
 
+def favor_causal_whole(qlog_BHTM: torch.Tensor, klog_BHTM: torch.Tensor, v_BHTD: torch.Tensor,
+                       min_denominator: float = 1e-30) -> torch.Tensor:
+    """`favor_causal` from a fresh state with the whole sequence as ONE chunk: the export form.
+
+    The same quantity with the same stabilisers (query max over features; key offset M_s = running
+    max over positions <= s, older terms rescaled by exp(M_s - M_t)), built from tensor ops on the
+    input's shape only (a [T, T] causal mask, the running max as a masked max), so a trace holds
+    for every length. It costs O(T^2) time and memory per head (an [T, T] weight matrix) instead of
+    the chunked O(T * chunk): used for ONNX export and inference, never for training or generation.
+    """
+    T = klog_BHTM.shape[-2]
+    pos = torch.arange(T, device=v_BHTD.device)
+    causal_TT = pos[:, None] >= pos[None, :]
+    phi_q = torch.exp(qlog_BHTM - qlog_BHTM.detach().amax(-1, keepdim=True))
+    # NOTE: the running max as a masked max over [T, T] (cummax has no ONNX form); exact like cummax.
+    kmax_BHT = klog_BHTM.detach().amax(-1)
+    offset_BHT = kmax_BHT[..., None, :].masked_fill(~causal_TT, float("-inf")).amax(-1)
+    phi_k = torch.exp(klog_BHTM - offset_BHT[..., None])
+    rescale_BHTT = (offset_BHT[..., None, :] - offset_BHT[..., :, None]).masked_fill(~causal_TT, float("-inf")).exp()
+    weights_BHTT = (phi_q @ phi_k.transpose(-1, -2)) * rescale_BHTT
+    return (weights_BHTT @ v_BHTD) / weights_BHTT.sum(-1).clamp_min(min_denominator)[..., None]
+
+
 def favor_attention(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, proj_MD: torch.Tensor,
-                    chunk: int = 64, state: FavorState | None = None) -> tuple[torch.Tensor, FavorState]:
-    """FAVOR+ estimate of causal softmax attention softmax(q k^T / sqrt(D)) v, in fp32."""
+                    chunk: int = 64, state: FavorState | None = None,
+                    whole_sequence: bool = False) -> tuple[torch.Tensor, FavorState | None]:
+    """FAVOR+ estimate of causal softmax attention softmax(q k^T / sqrt(D)) v, in fp32.
+
+    `whole_sequence` (export form, fresh state only): one [T, T] chunk (`favor_causal_whole`);
+    the returned state is then None."""
     dtype = v_BHTD.dtype
     with torch.autocast(q_BHTD.device.type, enabled=False):  # NOTE: exponentials need fp32 range
         q, k, v = q_BHTD.float(), k_BHTD.float(), v_BHTD.float()
-        out, state = favor_causal(feature_logits(q, proj_MD), feature_logits(k, proj_MD), v, chunk, state)
+        qlog, klog = feature_logits(q, proj_MD), feature_logits(k, proj_MD)
+        if whole_sequence:
+            if state is not None:
+                raise ValueError("favor_attention: whole_sequence=True computes from a fresh state; "
+                                 "continue a state with the chunked form (whole_sequence=False)")
+            return favor_causal_whole(qlog, klog, v).to(dtype), None
+        out, state = favor_causal(qlog, klog, v, chunk, state)
     return out.to(dtype), state
 
 
@@ -224,6 +260,7 @@ class FavorSelfAttention(nn.Module):
         self.wq, self.wk, self.wv = (nn.Linear(C, C, bias=False) for _ in range(3))
         self.wo = nn.Linear(C, C, bias=False)
         self.register_buffer("proj", torch.empty(cfg.nb_features, cfg.head_dim))
+        self.whole_sequence = False  # export form (`Performer.export_form`): one [T, T] chunk, no cache
         self.redraw(0)
 
     @torch.no_grad()
@@ -243,7 +280,8 @@ class FavorSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         slot = self.layer_id if layer is None else layer
         state = cache.states[slot] if cache is not None else None
-        out, state = favor_attention(q, k, v, self.proj, self.cfg.chunk_size, state)
+        whole = self.whole_sequence and cache is None
+        out, state = favor_attention(q, k, v, self.proj, self.cfg.chunk_size, state, whole_sequence=whole)
         if cache is not None:
             cache.states[slot] = state
         return self.wo(out.transpose(1, 2).reshape(B, T, C))
@@ -280,6 +318,23 @@ class Performer(nn.Module):
     def redraw_features(self, draw: int) -> None:
         for attn in self.attention_layers():
             attn.redraw(draw)
+
+    @contextlib.contextmanager
+    def export_form(self):
+        """Inside: the cache-free forward computes each layer's causal linear attention as ONE
+        [T, T] chunk (`favor_causal_whole`): tensor ops on the input's shape, no Python loop over
+        chunks, so a trace (ONNX export) holds for every sequence length. Same function as the
+        chunked form; O(T^2) memory per head instead of O(T * chunk_size). Training, cached
+        generation and everything outside the context keep the chunked form."""
+        layers = self.attention_layers()
+        before = [a.whole_sequence for a in layers]
+        for a in layers:
+            a.whole_sequence = True
+        try:
+            yield self
+        finally:
+            for a, b in zip(layers, before):
+                a.whole_sequence = b
 
     def _count_training_call(self) -> None:
         every = self.cfg.redraw_every

@@ -9,9 +9,12 @@
   dropless form (moe/export.py) so routing traces into TopK / GatherElements / ScatterElements.
 - `eval_loss`, `latency`, `generation_throughput`: the figures every export reports.
 
-Families whose forward loops in Python over chunks of the sequence (Performer's causal linear
-attention, Mamba's chunked scan) cannot be exported: a trace fixes the number of chunks, i.e.
-the sequence length. `check_exportable` refuses them with that reason.
+Every language-model family exports. Performer's causal linear attention and Mamba's scan loop in
+Python over chunks of the sequence (a trace would fix the number of chunks, i.e. the length), so
+the export runs inside the model's `export_form()`: the whole sequence as one chunk, a [T, T]
+masked product built from tensor ops on the input's shape. That form costs O(T^2) memory per head
+at inference (the chunked training form: O(T * chunk)); parity is checked against the chunked
+form. `check_exportable` refuses the other families (no token -> logits forward).
 """
 from __future__ import annotations
 
@@ -28,11 +31,7 @@ import torch.nn as nn
 
 from cluster import checkpoint
 
-ONNX_FAMILIES = ("transformer", "moe_transformer", "hourglass", "sparse_transformer")
-NOT_EXPORTABLE = {
-    "performer": "its causal linear attention carries the state over chunks in a Python loop",
-    "mamba": "its chunked selective scan carries the state over chunks in a Python loop",
-}
+ONNX_FAMILIES = ("transformer", "moe_transformer", "hourglass", "sparse_transformer", "performer", "mamba")
 
 
 def check_exportable(model_cfg: Any) -> None:
@@ -43,10 +42,9 @@ def check_exportable(model_cfg: Any) -> None:
         if moe is not None and moe.router != "topk":
             raise ValueError(f"model.moe.router: {moe.router!r} routing is training-only; cannot export")
         return
-    why = NOT_EXPORTABLE.get(arch, "it is not a language model family with a token -> logits forward")
-    raise ValueError(f"model.arch: {arch!r} cannot be exported to ONNX: {why}, so a trace would fix the "
-                     f"sequence length. Exportable families: {', '.join(ONNX_FAMILIES)}; use --quantize for "
-                     "a smaller torch model instead")
+    raise ValueError(f"model.arch: {arch!r} cannot be exported to ONNX: it is not a language model family "
+                     f"with a tokens -> logits forward. Exportable families: {', '.join(ONNX_FAMILIES)}; use "
+                     "--quantize for a smaller torch model instead")
 
 
 class LogitsOnly(nn.Module):
@@ -67,18 +65,28 @@ def inference_copy(model: nn.Module, dense: bool) -> nn.Module:
     return to_inference(copy.deepcopy(model), dense=dense).eval()
 
 
+def export_form(model: nn.Module):
+    """The model's export-only formulation (`export_form()`: Performer, Mamba), else a no-op context."""
+    import contextlib
+
+    form = getattr(model, "export_form", None)
+    return form() if form is not None else contextlib.nullcontext(model)
+
+
 def export_onnx(model: nn.Module, path: str | Path, example_len: int = 16) -> Path:
-    """Write `model`'s forward as ONNX (opset of the dynamo exporter), batch and sequence dynamic."""
+    """Write `model`'s forward as ONNX (opset of the dynamo exporter), batch and sequence dynamic;
+    families with a chunked loop are traced in their one-chunk `export_form` (O(T^2) memory)."""
     import warnings
 
     check_exportable(model.cfg)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = LogitsOnly(inference_copy(model, dense=True))
+    inference = inference_copy(model, dense=True)
+    wrapped = LogitsOnly(inference)
     example = torch.zeros(2, min(example_len, model.cfg.max_seq_len), dtype=torch.long)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.cfg.max_seq_len)
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), export_form(inference):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapped, (example,), str(path), dynamo=True, input_names=["tokens"],
                           output_names=["logits"], dynamic_shapes={"tokens": {0: batch, 1: seq}},

@@ -81,12 +81,83 @@ def test_other_attention_families_export_with_parity(arch, tmp_path):
     assert deploy.onnx_parity(session, model, batches) < 1e-4
 
 
+MOE_DEBUG = {"num_experts": 4, "top_k": 2, "expert_hidden": 32}
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("arch", ["performer", "mamba"])
-def test_families_with_a_python_loop_over_chunks_are_refused(arch, tmp_path):
-    model = archs.build(model_from_dict({"arch": arch, "preset": "debug", "vocab_size": 40}))
-    with pytest.raises(ValueError, match=rf"{arch}.*cannot be exported to ONNX.*Python loop"):
-        deploy.export_onnx(model, tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+def test_chunked_loop_families_export_in_their_one_chunk_form_with_parity(arch, moe, tmp_path):
+    """Performer and Mamba loop over chunks in torch; traced in `export_form` (one [T, T] chunk) the
+    graph is dynamic: ONNX Runtime equals the chunked torch forward at other batch sizes and lengths
+    than the trace's (2 x 16), over several chunks and with a padded last chunk (chunk_size 16)."""
+    torch.manual_seed(0)
+    spec = {"arch": arch, "preset": "debug", "vocab_size": 40, **({"moe": MOE_DEBUG} if moe else {})}
+    model = archs.build(model_from_dict(spec)).eval()
+    assert any(isinstance(m, MoELayer) for m in model.modules()) == moe
+    session = deploy.ort_session(deploy.export_onnx(model, tmp_path / "m.onnx"))
+    assert not any(getattr(m, "whole_sequence", False) for m in model.modules())  # the model keeps its chunked form
+    batches = [torch.randint(0, 40, (3, 23)), torch.randint(0, 40, (1, 50))]
+    assert deploy.onnx_parity(session, model, batches) < 1e-4
+    assert deploy.ort_logits(session, batches[1]).shape == (1, 50, 40)
+
+
+def test_performer_one_chunk_form_equals_the_chunked_form():
+    """float64: `favor_causal_whole` (export) equals `favor_causal` (training) over 3.5 chunks, with
+    logits large enough that the stabilisers matter (exp of them alone overflows float64's range)."""
+    from archs.performer import favor_causal, favor_causal_ref, favor_causal_whole
+
+    gen = torch.Generator().manual_seed(0)
+    qlog, klog = (torch.randn(2, 3, 56, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    klog = klog + 20 * torch.randn(2, 3, 56, 1, generator=gen, dtype=torch.float64)  # per-position key scale
+    v = torch.randn(2, 3, 56, 5, generator=gen, dtype=torch.float64)
+    whole = favor_causal_whole(qlog, klog, v)
+    torch.testing.assert_close(whole, favor_causal(qlog, klog, v, chunk=16)[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(whole, favor_causal_ref(qlog, klog, v), atol=1e-10, rtol=1e-8)
+    huge = klog + 800.0  # exp overflows without the stabiliser; both forms stay finite and equal
+    torch.testing.assert_close(favor_causal_whole(qlog, huge, v), favor_causal(qlog, huge, v, chunk=16)[0],
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_mamba_one_chunk_form_equals_the_chunked_form():
+    """float64: `selective_scan_whole` (export) equals `selective_scan_chunked` (training) and the
+    recurrence over 3.5 chunks, with step sizes whose decays span many orders of magnitude."""
+    from archs.mamba import selective_scan_chunked, selective_scan_ref, selective_scan_whole
+
+    gen = torch.Generator().manual_seed(0)
+    Bsz, T, H, P, N = 2, 56, 3, 4, 6
+    x = torch.randn(Bsz, T, H, P, generator=gen, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(2 * torch.randn(Bsz, T, H, generator=gen, dtype=torch.float64))
+    A = -torch.tensor([0.05, 1.0, 12.0], dtype=torch.float64)
+    Bm, Cm = (torch.randn(Bsz, T, N, generator=gen, dtype=torch.float64) for _ in range(2))
+    whole = selective_scan_whole(x, dt, A, Bm, Cm)
+    torch.testing.assert_close(whole, selective_scan_chunked(x, dt, A, Bm, Cm, chunk=16)[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(whole, selective_scan_ref(x, dt, A, Bm, Cm)[0], atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["performer", "mamba"])
+def test_export_form_is_a_scoped_switch_with_the_same_model_outputs(arch):
+    """Inside `export_form()` the whole model (fp32: the attention / scan run in fp32 in both forms)
+    gives the chunked forward's logits; leaving it restores the chunked form; a cached forward
+    (generation) inside it still runs chunked / recurrent, equal to the cache-free one."""
+    torch.manual_seed(0)
+    model = archs.build(model_from_dict({"arch": arch, "preset": "debug", "vocab_size": 40, "moe": MOE_DEBUG})).eval()
+    tokens = torch.randint(0, 40, (2, 45))
+    with torch.no_grad():
+        chunked = model(tokens)
+        with model.export_form():
+            assert all(m.whole_sequence for m in model.modules() if hasattr(m, "whole_sequence"))
+            whole = model(tokens)
+            cache = model.new_cache(2, 45)
+            cached = torch.cat([model(tokens[:, :30], cache, 0), model(tokens[:, 30:], cache, 30)], dim=1)
+    assert not any(getattr(m, "whole_sequence", False) for m in model.modules())
+    torch.testing.assert_close(whole, chunked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached, chunked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["ts_transformer", "multimodal"])
+def test_families_without_a_token_to_logits_forward_are_refused(arch):
+    with pytest.raises(ValueError, match=rf"model.arch: '{arch}' cannot be exported to ONNX: it is not a language model"):
+        deploy.check_exportable(model_from_dict({"arch": arch, "preset": "debug"}))
 
 
 def test_export_job_writes_model_and_summary(runs, tmp_path):
