@@ -142,7 +142,7 @@ def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: in
     model_sd, optim_sd = get_state_dict(model, optimizer)
     layout = split_experts(model, model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
-    _dcp_load(state, path, no_dist=not _distributed())
+    dcp_load(state, path, no_dist=not _distributed())
     merge_experts(layout, state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = torch.load(path / "train_state.pt", weights_only=True)
@@ -158,12 +158,12 @@ def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> No
     check_model(read_meta(path), model_cfg, path)
     state = {"model": model.state_dict()}
     layout = split_experts(model, state["model"])
-    _dcp_load(state, path, no_dist=True)
+    dcp_load(state, path, no_dist=True)
     merge_experts(layout, state["model"])
     model.load_state_dict(state["model"])
 
 
-def _expert_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
+def expert_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
     """{expert parameter FQN: (global index of its first local expert, local count)}."""
     from moe.experts import GroupedExperts
 
@@ -180,7 +180,7 @@ def split_experts(model: nn.Module, model_sd: dict, optim_sd: dict | None = None
     """Key expert weights (and their optimizer state) by global expert index, in place:
     `...experts.w13` [E_local, ...] becomes `...experts.w13.expert{g}` per expert. Every layout
     writes and reads the same keys, so a checkpoint from EP=2 loads at EP=1 and back."""
-    layout = _expert_layout(model)
+    layout = expert_layout(model)
     for fqn, (offset, n) in layout.items():
         t = model_sd.pop(fqn)
         for j in range(n):
@@ -204,7 +204,7 @@ def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) ->
                                       for k, v in parts[0].items()}
 
 
-def _dcp_load(state: dict, path: Path, no_dist: bool) -> None:
+def dcp_load(state: dict, path: Path, no_dist: bool) -> None:
     # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
     try:
         dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)

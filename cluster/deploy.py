@@ -200,7 +200,7 @@ def stream_to_safetensors(ckpt: str | Path, model: nn.Module, out_dir: str | Pat
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    layout = checkpoint._expert_layout(model)
+    layout = checkpoint.expert_layout(model)
     weight_map, shard, size, n = {}, {}, 0, 0
 
     def flush():
@@ -215,7 +215,7 @@ def stream_to_safetensors(ckpt: str | Path, model: nn.Module, out_dir: str | Pat
         keys = [f"{name}.expert{j}" for j in range(layout[name][1])] if name in layout else [name]
         shape = t.shape[1:] if name in layout else t.shape
         part = {k: torch.empty(shape, dtype=t.dtype) for k in keys}
-        checkpoint._dcp_load({"model": part}, Path(ckpt), no_dist=True)
+        checkpoint.dcp_load({"model": part}, Path(ckpt), no_dist=True)
         value = torch.stack([part[k] for k in keys]) if name in layout else part[name]
         if size and size + value.numel() * value.element_size() > shard_bytes:
             flush()
