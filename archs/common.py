@@ -178,3 +178,55 @@ def init_weights(module: nn.Module, std: float, residual_std: float, residual_na
 def residual_scale(std: float, n_layers: int) -> float:
     """GPT-2's scaling of residual-stream projections: std / sqrt(2 * n_layers)."""
     return std / math.sqrt(2 * n_layers)
+
+
+def check_heads(d_model: int, n_heads: int, n_kv_heads: int | None = None) -> None:
+    """The attention shape checks every family shares (heads divide the width, RoPE's even head
+    dimension, query heads a multiple of key/value heads)."""
+    if d_model % n_heads:
+        raise ValueError(f"n_heads: {n_heads} does not divide d_model={d_model}")
+    if (d_model // n_heads) % 2:
+        raise ValueError(f"n_heads: head dim d_model/n_heads={d_model // n_heads} must be even for RoPE")
+    kv = n_kv_heads or n_heads
+    if n_heads % kv:
+        raise ValueError(f"n_kv_heads: {kv} does not divide n_heads={n_heads}")
+
+
+def check_sequence_length(pos: int, T: int, max_seq_len: int) -> None:
+    """Positions [pos, pos + T) must fit the model (RoPE tables, caches, learned positions)."""
+    if pos + T > max_seq_len:
+        raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={max_seq_len}; "
+                         "shorten the input or train with a larger model.max_seq_len")
+
+
+class RotaryLM(nn.Module):
+    """embed -> blocks (rotary positions) -> norm -> head, tied to the embedding unless told
+    otherwise: the body the transformer-like families share. Subclasses give the blocks through
+    `make_block(cfg, layer_id)` and keep their own cache types; parameter names (`embed`,
+    `layers.<i>`, `norm`, `head`) are the checkpoint keys of every such family."""
+
+    def __init__(self, cfg, make_block, head_dim: int):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): make_block(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.max_seq_len, head_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def check_length(self, pos: int, T: int) -> None:
+        check_sequence_length(pos, T, self.cfg.max_seq_len)
+
+    def run(self, tokens_BT: torch.Tensor, cache=None, pos: int = 0) -> torch.Tensor:
+        """tokens [B, T] (positions pos..pos+T-1) -> logits [B, T, vocab]."""
+        T = tokens_BT.shape[1]
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed(tokens_BT)
+        for block in self.layers.values():
+            x = block(x, cos, sin, cache, pos)
+        x = self.norm(x)
+        return x @ self.embed.weight.t() if self.head is None else self.head(x)

@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import Attention, KVCache, PreNormBlock, RMSNorm, init_weights, residual_scale, rope_tables
+from archs.common import (Attention, KVCache, PreNormBlock, RMSNorm, check_heads, check_sequence_length, init_weights,
+                          residual_scale, rope_tables)
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
@@ -55,13 +56,7 @@ class HourglassConfig(MoEOptions):
     init_std: float = doc("std of the normal weight init", 0.02)
 
     def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads: head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
-        kv = self.n_kv_heads or self.n_heads
-        if self.n_heads % kv:
-            raise ValueError(f"n_kv_heads: {kv} does not divide n_heads={self.n_heads}")
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
         for name in ("max_seq_len", "d_model", "n_heads", "n_mid_layers", "shorten_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -147,9 +142,7 @@ class Hourglass(nn.Module):
     def forward(self, tokens_BT: torch.Tensor, cache: HourglassCache | None = None, pos: int = 0) -> torch.Tensor:
         """tokens [B, T] (positions pos..pos+T-1) -> logits [B, T, vocab]."""
         T = tokens_BT.shape[1]
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                             "shorten the input or train with a larger model.max_seq_len")
+        check_sequence_length(pos, T, self.cfg.max_seq_len)
         if cache is None and pos:
             raise ValueError("pos > 0 needs the cache that holds positions [0, pos)")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import PreNormBlock, RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
+from archs.common import PreNormBlock, RotaryLM, apply_rope, check_heads, init_weights, residual_scale
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
@@ -221,10 +221,7 @@ class PerformerConfig(MoEOptions):
         for name in ("max_seq_len", "d_model", "n_layers", "n_heads", "nb_features", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads: head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        check_heads(self.d_model, self.n_heads)
         if self.redraw_every < 0:
             raise ValueError(f"redraw_every: must be >= 0 (0 = never redraw), got {self.redraw_every}")
         if self.vocab_size is not None and self.vocab_size < 2:
@@ -293,20 +290,10 @@ def build_block(cfg: PerformerConfig, layer_id: int, std: float, out_std: float)
                         layer_id)
 
 
-class Performer(nn.Module):
+class Performer(RotaryLM):
     def __init__(self, cfg: PerformerConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
-        self.cfg = cfg
         out_std = residual_scale(cfg.init_std, cfg.n_layers)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): build_block(cfg, i, cfg.init_std, out_std) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        super().__init__(cfg, lambda c, i: build_block(c, i, c.init_std, out_std), cfg.head_dim)
         # Training forward calls so far: drives the redraw schedule; saved with the weights.
         self.register_buffer("feature_calls", torch.zeros((), dtype=torch.int64))
         init_weights(self, cfg.init_std, out_std, ("wo", "w2"))
@@ -345,21 +332,14 @@ class Performer(nn.Module):
     def forward(self, tokens_BT: torch.Tensor, cache: PerformerCache | None = None, pos: int = 0) -> torch.Tensor:
         """tokens [B, T] (positions pos..pos+T-1) -> logits [B, T, vocab]."""
         T = tokens_BT.shape[1]
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                             "shorten the input or train with a larger model.max_seq_len")
+        self.check_length(pos, T)
         if cache is not None:
             if pos != cache.pos:  # prefix sums cannot rewind or skip positions
                 raise ValueError(f"the Performer cache holds positions [0, {cache.pos}); got pos={pos}")
             cache.pos = pos + T
         if self.training:
             self._count_training_call()
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.embed(tokens_BT)
-        for block in self.layers.values():
-            x = block(x, cos, sin, cache, pos)
-        x = self.norm(x)
-        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+        return self.run(tokens_BT, cache, pos)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> PerformerCache:
         """A fresh recurrent state (its size does not depend on `max_len`, accepted for the common interface)."""

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import archs
-from archs.common import Attention, KVCache, PreNormBlock, RMSNorm, apply_rope, init_weights, residual_scale, rope_tables
+from archs.common import (Attention, KVCache, PreNormBlock, RotaryLM, apply_rope, check_heads, init_weights,
+                          residual_scale)
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
 from cluster.configio import doc
 
@@ -264,13 +264,7 @@ class SparseTransformerConfig(MoEOptions):
     init_std: float = doc("std of the normal weight init", 0.02)
 
     def __post_init__(self):
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model={self.d_model}")
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError(f"n_heads: head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
-        kv = self.n_kv_heads or self.n_heads
-        if self.n_heads % kv:
-            raise ValueError(f"n_kv_heads: {kv} does not divide n_heads={self.n_heads}")
+        check_heads(self.d_model, self.n_heads, self.n_kv_heads)
         if self.pattern not in PATTERNS:
             raise ValueError(f"pattern: {self.pattern!r} is not one of {', '.join(map(repr, PATTERNS))}")
         for name in ("max_seq_len", "d_model", "n_layers", "n_heads", "block_size", "window", "top_blocks"):
@@ -299,33 +293,15 @@ def build_block(cfg: SparseTransformerConfig, layer_id: int) -> PreNormBlock:
     return PreNormBlock(cfg.d_model, cfg.norm_eps, attn, mlp, layer_id)
 
 
-class SparseTransformer(nn.Module):
+class SparseTransformer(RotaryLM):
     def __init__(self, cfg: SparseTransformerConfig):
-        super().__init__()
-        if cfg.vocab_size is None:
-            raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(cfg.n_layers)})
-        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        super().__init__(cfg, build_block, cfg.d_model // cfg.n_heads)
         init_weights(self, cfg.init_std, residual_scale(cfg.init_std, cfg.n_layers), ("wo", "w2"))
 
     def forward(self, tokens_BT: torch.Tensor, cache: SparseKVCache | None = None, pos: int = 0) -> torch.Tensor:
         """tokens [B, T] (positions pos..pos+T-1) -> logits [B, T, vocab]."""
-        T = tokens_BT.shape[1]
-        if pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}; "
-                             "shorten the input or train with a larger model.max_seq_len")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.embed(tokens_BT)
-        for block in self.layers.values():
-            x = block(x, cos, sin, cache, pos)
-        x = self.norm(x)
-        return x @ self.embed.weight.t() if self.head is None else self.head(x)
+        self.check_length(pos, tokens_BT.shape[1])
+        return self.run(tokens_BT, cache, pos)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> SparseKVCache:
         cfg, p = self.cfg, self.embed.weight
