@@ -65,6 +65,38 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
+    """A dense and an MoE debug model, each trained 40 steps in-process and checkpointed as a
+    run (shared by the export and quantization tests, which only read them)."""
+    from cluster.config import load_config
+    from jobs.bench_deploy import train_local
+
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, config in (("dense", "debug"), ("moe", "moe_debug")):
+        job = load_config(config, ["train.steps=40", f"data.path={tiny_data}", "train.eval_interval=0",
+                                   "cluster.num_workers=1"])
+        out[name] = train_local(job, root / name, log_every=1000)
+    return out
+
+
+def train_fixed_batch(model, vocab: int, steps: int = 30, lr: float = 1e-2) -> list[float]:
+    """AdamW steps of next-token loss on one fixed random batch [4, 33]; the losses."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    x = torch.randint(0, vocab, (4, 33), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def env_with_venv() -> dict:
     """Environment whose `python` and `ray` are this interpreter's (Ray jobs run `python`)."""
     env = dict(os.environ)

@@ -9,8 +9,7 @@ import torch
 
 import archs
 from cluster import checkpoint, deploy
-from cluster.config import load_config, model_from_dict
-from jobs.bench_deploy import train_local
+from cluster.config import model_from_dict
 from jobs.generate import load_run
 from moe.config import MoEConfig
 from moe.export import InferenceMoE, to_inference
@@ -21,15 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_data):
-    """A dense and an MoE debug model, each trained 40 steps in-process and checkpointed as a run."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for name, config in (("dense", "debug"), ("moe", "moe_debug")):
-        job = load_config(config, ["train.steps=40", f"data.path={tiny_data}", "train.eval_interval=0",
-                                   "cluster.num_workers=1"])
-        out[name] = train_local(job, root / name, log_every=1000)
-    return out
+def runs(trained_runs):
+    return trained_runs
 
 
 @pytest.mark.parametrize("moe", [

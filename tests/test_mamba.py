@@ -10,6 +10,7 @@ from archs.sampling import generate
 from moe.config import MoEConfig
 from moe.layer import MoELayer
 from parallel.data_parallel import apply_activation_checkpointing
+from tests.conftest import train_fixed_batch
 
 MOE = dict(num_experts=4, top_k=2, expert_hidden=32, capacity_factor=1.25)
 
@@ -154,15 +155,7 @@ def test_activation_checkpointing_gives_equal_gradients():
 def test_debug_preset_trains(kw):
     """A few dozen AdamW steps on one fixed batch: the loss falls, pure Mamba and MoE-Mamba alike."""
     model = make(**kw)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(30):
-        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_fixed_batch(model, vocab=97)
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -11,9 +11,8 @@ import torch
 import archs
 from archs.sampling import generate
 from cluster import deploy
-from cluster.config import load_config, model_from_dict
+from cluster.config import model_from_dict
 from cluster.quantize import _pack_int4, _unpack_int4, load_quantized, quantize, quantize_nf4, save_float, save_quantized
-from jobs.bench_deploy import train_local
 from jobs.generate import load_run
 from moe.export import InferenceMoE
 from tests.conftest import REPO
@@ -22,14 +21,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_data):
-    root = tmp_path_factory.mktemp("qruns")
-    out = {}
-    for name, config in (("dense", "debug"), ("moe", "moe_debug")):
-        job = load_config(config, ["train.steps=40", f"data.path={tiny_data}", "train.eval_interval=0",
-                                   "cluster.num_workers=1"])
-        out[name] = train_local(job, root / name, log_every=1000)
-    return out
+def runs(trained_runs):
+    return trained_runs
 
 
 def test_int4_packing_round_trips_every_value():
