@@ -147,11 +147,12 @@ class Forecasting:
     def num_targets(self, batch):
         return int(np.prod(batch["y"].shape))
 
-    def metric_sums(self, model: nn.Module, batch, device) -> dict[str, tuple[float, int]]:
-        """MAE in the series' own units (sum, count) over the batch's targets."""
+    def eval_sums(self, model: nn.Module, batch, device):
+        """(MSE sum, count, {"val_mae": (sum, count)}) from one forward; MAE in the series' units."""
         x, y = self.inputs_targets(batch, device)
-        err = (model(x).float() - y).abs() * self.std.to(device)
-        return {"val_mae": (float(err.sum()), y.numel())}
+        pred = model(x).float()
+        err = (pred - y).abs() * self.std.to(device)
+        return self.output_loss_sum(pred, y), y.numel(), {"val_mae": (float(err.sum()), y.numel())}
 
     def eval_metrics(self, mean_loss):
         return {"val_loss": mean_loss}

@@ -148,11 +148,13 @@ class ImageText:
         return len(batch)
 
     @torch.no_grad()
-    def metric_sums(self, model: nn.Module, batch, device) -> dict[str, tuple[float, int]]:
-        """Matching accuracy among 10 candidate captions, and image -> caption recall@1 within
-        the group (a retrieved caption counts as right if it describes the same label)."""
-        model = getattr(model, "module", model)
+    def eval_sums(self, model: nn.Module, batch, device):
+        """(loss sum, count, metric sums): matching accuracy among 10 candidate captions, and
+        image -> caption recall@1 within the group (a retrieved caption counts as right if it
+        describes the same label)."""
         images, tokens = self._tensors(batch, device)
+        loss, n = model(images, tokens)
+        model = getattr(model, "module", model)
         labels = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
         out = {}
         if self.candidates is not None and (labels >= 0).all():
@@ -169,7 +171,7 @@ class ImageText:
                     load = c.float().sum(0)
                     out[f"moe_{modality}_imbalance"] = (float(load.max() / load.mean()) * len(batch), len(batch))
             model.reset_modality_counts()
-        return out
+        return loss, n, out
 
     def eval_metrics(self, mean_loss):
         return {"val_loss": mean_loss}

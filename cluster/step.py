@@ -128,7 +128,7 @@ def evaluate(model: nn.Module | Parallelized, task, batches: list[np.ndarray], p
 def evaluate_task(model: nn.Module | Parallelized, task, batches: list[np.ndarray], precision: str,
                   device: torch.device) -> dict[str, float]:
     """The task's evaluation metrics: `task.eval_metrics(mean loss)` plus the means of the
-    task's `metric_sums` (e.g. MAE, matching accuracy) over every rank's batches."""
+    task's `eval_sums` metrics (e.g. MAE, matching accuracy) over every rank's batches."""
     loss, extra = _evaluate(model, task, batches, precision, device)
     return {**task.eval_metrics(loss), **extra}
 
@@ -144,18 +144,20 @@ def _evaluate(model, task, batches, precision, device) -> tuple[float, dict[str,
     # evaluation batches, or without some metric, still joins the same single all-reduce.
     totals = torch.zeros(2 + 2 * len(names), device=device, dtype=torch.float64)
     for batch in batches:
+        forward_model = par.forward_model if par else model
+        sums: dict = {}
         with autocast(precision, device):
             if par is not None and par.pipeline is not None:
                 loss, n = _pipeline_eval(par, task, batch, device)
+            elif names:  # the task's metrics come from the same forward as its loss
+                loss, n, sums = task.eval_sums(forward_model, batch, device)
             else:
-                loss, n = task.loss_sum(par.forward_model if par else model, batch, device)
-            totals[:2] += torch.stack([loss.detach().double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
-            if names:
-                sums = task.metric_sums(par.forward_model if par else model, batch, device)
-                for i, name in enumerate(names):
-                    if name in sums:
-                        totals[2 + 2 * i] += sums[name][0]
-                        totals[3 + 2 * i] += sums[name][1]
+                loss, n = task.loss_sum(forward_model, batch, device)
+        totals[:2] += torch.stack([loss.detach().double(), torch.tensor(float(n), device=device, dtype=torch.float64)])
+        for i, name in enumerate(names):
+            if name in sums:
+                totals[2 + 2 * i] += sums[name][0]
+                totals[3 + 2 * i] += sums[name][1]
     if par is not None and not par.counts_loss:
         totals.zero_()
     _all_reduce_sum(totals)
