@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe.experts import SwiGLU  # noqa: F401  (the dense MLP; re-exported for the families)
+
 
 class RMSNorm(nn.RMSNorm):
     """RMSNorm without bias; torch's, kept as a named type so parallel plans can match it."""
@@ -30,19 +32,6 @@ def apply_rope(x_BHTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tenso
     x1, x2 = x_BHTD[..., :half], x_BHTD[..., half:]
     cos, sin = cos_TD2.to(x_BHTD.dtype), sin_TD2.to(x_BHTD.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x): the gated MLP of Llama-style transformers."""
-
-    def __init__(self, d_model: int, d_hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
-        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
-
-    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC))
 
 
 class KVCache:

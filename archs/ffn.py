@@ -10,20 +10,20 @@ top_k experts a token runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch.nn as nn
 
-from archs.common import SwiGLU
-from cluster.configio import doc
 from moe.config import MoEConfig
+from moe.experts import SwiGLU
+from moe.layer import MoELayer
 
 
 @dataclass
 class MoEOptions:
-    moe: MoEConfig | None = doc("MoE FFNs (a mapping of MoE fields); null = every FFN dense", None)
-    moe_every: int = doc("with moe set: MoE FFN in FFN slots n-1, 2n-1, ... (1 = every slot)", 1)
-    moe_layers: list[int] | None = doc("with moe set: explicit FFN slot indices that are MoE; overrides moe_every", None)
+    moe: Annotated[MoEConfig | None, "MoE FFNs (a mapping of MoE fields); null = every FFN dense"] = None
+    moe_every: Annotated[int, "with moe set: MoE FFN in FFN slots n-1, 2n-1, ... (1 = every slot)"] = 1
+    moe_layers: Annotated[list[int] | None, "with moe set: explicit FFN slot indices that are MoE; overrides moe_every"] = None
 
     def check_moe(self, n_slots: int) -> None:
         """Validate against the family's number of FFN slots (call from __post_init__)."""
@@ -50,8 +50,6 @@ def make_ffn(d_model: int, hidden: int, cfg: MoEOptions, slot: int, std: float, 
     `cfg` is any config with `moe` and `moe_layer_ids` (an `MoEOptions`, or the MoE transformer's).
     """
     if cfg.moe is not None and slot in cfg.moe_layer_ids:
-        from moe.layer import MoELayer  # moe imports archs.common: import lazily
-
         layer = MoELayer(d_model, cfg.moe, layer_id=slot)
         layer.init_weights(std, out_std)
         return layer
@@ -73,8 +71,6 @@ def active_matmul_params(model: nn.Module, include: Callable[[str, nn.Parameter]
     matmul); each MoE layer counts `top_k` of its experts, not all it holds (under expert
     parallelism a rank holds a slice, and the active count is the same on every rank).
     """
-    from moe.layer import MoELayer  # moe imports archs.common: import lazily
-
     untied = getattr(model, "head", None) is not None
     n = 0
     for name, p in model.named_parameters():

@@ -21,31 +21,37 @@ horizon, D model width, S segment length.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 
-import archs
-from archs.common import Attention, PreNormBlock, RMSNorm, init_weights, residual_scale, rope_tables
+from archs.common import (
+    Attention,
+    PreNormBlock,
+    RMSNorm,
+    init_weights,
+    residual_scale,
+    rope_tables,
+)
 from archs.ffn import MoEOptions, active_matmul_params, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 
 @dataclass
 class TSTransformerConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "ts_transformer")
-    context_len: int = doc("time steps of history the model reads (the input window)", 64)
-    horizon: int = doc("time steps the model predicts after the window", 16)
-    n_channels: int | None = doc("series variables per time step; null takes it from the dataset", None)
-    d_model: int = doc("model width", 64)
-    n_layers: int = doc("transformer blocks", 2)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    dropout: float = doc("dropout on the encoded inputs and before the head (0 = off)", 0.0)
-    rope_theta: float = doc("RoPE base frequency", 10000.0)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    init_std: float = doc("std of the normal weight init (linear layers; the RNN keeps torch's init)", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "ts_transformer"
+    context_len: Annotated[int, "time steps of history the model reads (the input window)"] = 64
+    horizon: Annotated[int, "time steps the model predicts after the window"] = 16
+    n_channels: Annotated[int | None, "series variables per time step; null takes it from the dataset"] = None
+    d_model: Annotated[int, "model width"] = 64
+    n_layers: Annotated[int, "transformer blocks"] = 2
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    dropout: Annotated[float, "dropout on the encoded inputs and before the head (0 = off)"] = 0.0
+    rope_theta: Annotated[float, "RoPE base frequency"] = 10000.0
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    init_std: Annotated[float, "std of the normal weight init (linear layers; the RNN keeps torch's init)"] = 0.02
 
     def __post_init__(self):
         for name in ("context_len", "horizon", "d_model", "n_layers", "n_heads"):
@@ -75,10 +81,10 @@ class TSTransformerConfig(MoEOptions):
 
 @dataclass
 class RNNTransformerConfig(TSTransformerConfig):
-    arch: str = doc("architecture family (registry key)", "rnn_transformer")
-    rnn: Literal["gru", "lstm"] = doc("recurrent encoder cell", "gru")
-    rnn_layers: int = doc("stacked recurrent layers (hidden width d_model)", 1)
-    tbptt: int | None = doc("truncated BPTT: the recurrent state is detached every this many steps; null = full BPTT", 16)
+    arch: Annotated[str, "architecture family (registry key)"] = "rnn_transformer"
+    rnn: Annotated[Literal["gru", "lstm"], "recurrent encoder cell"] = "gru"
+    rnn_layers: Annotated[int, "stacked recurrent layers (hidden width d_model)"] = 1
+    tbptt: Annotated[int | None, "truncated BPTT: the recurrent state is detached every this many steps; null = full BPTT"] = 16
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,5 +187,5 @@ RNN_PRESETS = {
                   tbptt=24),
 }
 
-archs.register("ts_transformer", TSTransformerConfig, Forecaster, TS_PRESETS)
-archs.register("rnn_transformer", RNNTransformerConfig, Forecaster, RNN_PRESETS)
+register("ts_transformer", TSTransformerConfig, Forecaster, TS_PRESETS)
+register("rnn_transformer", RNNTransformerConfig, Forecaster, RNN_PRESETS)

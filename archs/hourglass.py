@@ -20,40 +20,46 @@ Shape letters as in archs/common.py; J shortened length, K shortening factor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import archs
-from archs.common import (Attention, KVCache, PreNormBlock, RMSNorm, check_heads, check_sequence_length, init_weights,
-                          residual_scale, rope_tables)
+from archs.common import (
+    Attention,
+    KVCache,
+    PreNormBlock,
+    RMSNorm,
+    check_heads,
+    check_sequence_length,
+    init_weights,
+    residual_scale,
+    rope_tables,
+)
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 
 @dataclass
 class HourglassConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "hourglass")
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    max_seq_len: int = doc("longest sequence the model accepts (RoPE table size)", 256)
-    d_model: int = doc("model width (the same at every resolution)", 256)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    n_kv_heads: int | None = doc("key/value heads (grouped-query attention); null = n_heads", None)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    n_pre_layers: int = doc("full-resolution layers before shortening", 1)
-    n_mid_layers: int = doc("layers on the shortened sequence", 2)
-    n_post_layers: int = doc("full-resolution layers after upsampling", 1)
-    shorten_factor: int = doc("k: the middle sees one position per k tokens (1 = a plain stack)", 2)
-    pool: Literal["mean", "linear"] = doc(
-        "shortening: mean of k vectors, or a learned linear map of their concatenation (starts as the mean)", "linear")
-    upsample: Literal["repeat", "linear"] = doc(
-        "upsampling: repeat each update k times, or a learned map to k vectors (starts as repeat)", "linear")
-    rope_theta: float = doc("RoPE base frequency", 10000.0)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    tie_embeddings: bool = doc("share the input embedding with the output head", True)
-    init_std: float = doc("std of the normal weight init", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "hourglass"
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    max_seq_len: Annotated[int, "longest sequence the model accepts (RoPE table size)"] = 256
+    d_model: Annotated[int, "model width (the same at every resolution)"] = 256
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    n_kv_heads: Annotated[int | None, "key/value heads (grouped-query attention); null = n_heads"] = None
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    n_pre_layers: Annotated[int, "full-resolution layers before shortening"] = 1
+    n_mid_layers: Annotated[int, "layers on the shortened sequence"] = 2
+    n_post_layers: Annotated[int, "full-resolution layers after upsampling"] = 1
+    shorten_factor: Annotated[int, "k: the middle sees one position per k tokens (1 = a plain stack)"] = 2
+    pool: Annotated[Literal["mean", "linear"], "shortening: mean of k vectors, or a learned linear map of their concatenation (starts as the mean)"] = "linear"
+    upsample: Annotated[Literal["repeat", "linear"], "upsampling: repeat each update k times, or a learned map to k vectors (starts as repeat)"] = "linear"
+    rope_theta: Annotated[float, "RoPE base frequency"] = 10000.0
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
 
     def __post_init__(self):
         check_heads(self.d_model, self.n_heads, self.n_kv_heads)
@@ -216,4 +222,4 @@ PRESETS = {
                   n_post_layers=1, shorten_factor=2),
 }
 
-archs.register("hourglass", HourglassConfig, Hourglass, PRESETS)
+register("hourglass", HourglassConfig, Hourglass, PRESETS)

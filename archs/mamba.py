@@ -30,16 +30,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import archs
 from archs.common import RMSNorm, init_weights, residual_scale
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 # ----------------------------------------------------------------------------------------------
 # The selective scan
@@ -191,24 +190,24 @@ def scan_functions() -> dict[str, Callable]:
 
 @dataclass
 class MambaConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "mamba")
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    max_seq_len: int = doc("longest sequence the model accepts (nothing positional limits it; kept for generation)", 256)
-    d_model: int = doc("model width", 256)
-    n_layers: int = doc("number of Mamba blocks", 8)
-    expand: int = doc("inner width = expand * d_model", 2)
-    head_dim: int = doc("scan head dim P; must divide expand * d_model (heads = inner width / P)", 64)
-    d_state: int = doc("state size N per head dim", 64)
-    d_conv: int = doc("causal depthwise conv kernel width", 4)
-    chunk_size: int = doc("chunk length of the training scan (memory O(T * chunk) per head)", 64)
-    dt_min: float = doc("initial step sizes are log-uniform in [dt_min, dt_max]", 1e-3)
-    dt_max: float = doc("initial step sizes are log-uniform in [dt_min, dt_max]", 1e-1)
-    dense_ffn: bool = doc("put a dense SwiGLU after every Mamba block not holding an MoE FFN (off: pure Mamba)", False)
-    d_ff: int | None = doc("SwiGLU hidden width of dense FFNs; null = 8/3 * d_model rounded up to 64", None)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    tie_embeddings: bool = doc("share the input embedding with the output head", True)
-    init_std: float = doc("std of the normal weight init", 0.02)
-    use_mamba_ssm: bool = doc("use mamba_ssm's fused scan when it imports and the model is on CUDA", True)
+    arch: Annotated[str, "architecture family (registry key)"] = "mamba"
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    max_seq_len: Annotated[int, "longest sequence the model accepts (nothing positional limits it; kept for generation)"] = 256
+    d_model: Annotated[int, "model width"] = 256
+    n_layers: Annotated[int, "number of Mamba blocks"] = 8
+    expand: Annotated[int, "inner width = expand * d_model"] = 2
+    head_dim: Annotated[int, "scan head dim P; must divide expand * d_model (heads = inner width / P)"] = 64
+    d_state: Annotated[int, "state size N per head dim"] = 64
+    d_conv: Annotated[int, "causal depthwise conv kernel width"] = 4
+    chunk_size: Annotated[int, "chunk length of the training scan (memory O(T * chunk) per head)"] = 64
+    dt_min: Annotated[float, "initial step sizes are log-uniform in [dt_min, dt_max]"] = 1e-3
+    dt_max: Annotated[float, "initial step sizes are log-uniform in [dt_min, dt_max]"] = 1e-1
+    dense_ffn: Annotated[bool, "put a dense SwiGLU after every Mamba block not holding an MoE FFN (off: pure Mamba)"] = False
+    d_ff: Annotated[int | None, "SwiGLU hidden width of dense FFNs; null = 8/3 * d_model rounded up to 64"] = None
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
+    use_mamba_ssm: Annotated[bool, "use mamba_ssm's fused scan when it imports and the model is on CUDA"] = True
 
     def __post_init__(self):
         for name in ("max_seq_len", "d_model", "n_layers", "expand", "head_dim", "d_state", "d_conv", "chunk_size"):
@@ -409,4 +408,4 @@ PRESETS = {
     "small": dict(max_seq_len=256, d_model=256, n_layers=8, expand=2, head_dim=64, d_state=64, chunk_size=64),
 }
 
-archs.register("mamba", MambaConfig, Mamba, PRESETS)
+register("mamba", MambaConfig, Mamba, PRESETS)

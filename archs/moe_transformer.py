@@ -2,21 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
-import archs
 from archs.common import residual_scale
 from archs.ffn import check_causal_routing, make_ffn
+from archs.registry import register
 from archs.transformer import Transformer, TransformerConfig
-from cluster.configio import doc
 from moe.config import MoEConfig
 
 
 @dataclass
 class MoETransformerConfig(TransformerConfig):
-    arch: str = doc("architecture family (registry key)", "moe_transformer")
-    moe: MoEConfig = field(default_factory=MoEConfig, metadata={"help": "the MoE layers"})
-    moe_every: int = doc("MoE FFN in layers n-1, 2n-1, ... (1 = every layer, 2 = every other)", 1)
-    moe_layers: list[int] | None = doc("explicit MoE layer indices, e.g. [1, 3]; overrides moe_every", None)
+    arch: Annotated[str, "architecture family (registry key)"] = "moe_transformer"
+    moe: Annotated[MoEConfig, "the MoE layers"] = field(default_factory=MoEConfig)
+    moe_every: Annotated[int, "MoE FFN in layers n-1, 2n-1, ... (1 = every layer, 2 = every other)"] = 1
+    moe_layers: Annotated[list[int] | None, "explicit MoE layer indices, e.g. [1, 3]; overrides moe_every"] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,4 +52,4 @@ PRESETS = {
                   moe=dict(num_experts=8, top_k=2, expert_hidden=352)),
 }
 
-archs.register("moe_transformer", MoETransformerConfig, MoETransformer, PRESETS)
+register("moe_transformer", MoETransformerConfig, MoETransformer, PRESETS)

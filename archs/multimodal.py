@@ -37,44 +37,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import archs
 from archs.common import RMSNorm, init_weights, residual_scale
 from archs.ffn import MoEOptions, active_matmul_params, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 MODALITIES = ("image", "text")
 
 
 @dataclass
 class MultimodalConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "multimodal")
-    variant: Literal["dual_tower", "cross_attention", "shared"] = doc(
-        "fusion: two towers + contrastive loss; a text decoder cross-attending to patches; one stack + adapters",
-        "dual_tower")
-    image_size: int = doc("image height and width in pixels (square images)", 8)
-    image_channels: int = doc("image channels (1 = grey levels)", 1)
-    patch_size: int = doc("square patch side in pixels; must divide image_size", 2)
-    text_len: int = doc("longest caption in tokens (learned position table size)", 32)
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    pad_id: int = doc("token id padding captions on the right (byte 0, NUL, for byte tokens)", 0)
-    d_model: int = doc("model width of every tower", 128)
-    n_layers: int = doc("blocks of the text encoder / text decoder / the shared stack", 2)
-    image_layers: int | None = doc("blocks of the image encoder (dual_tower, cross_attention); null = n_layers", None)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    embed_dim: int | None = doc("contrastive embedding width (dual_tower, shared); null = d_model", None)
-    adapter_dim: int = doc("bottleneck width of the per-modality adapters (shared)", 16)
-    temperature_init: float = doc("initial softmax temperature of the contrastive logits (learned)", 0.07)
-    match_weight: float = doc("weight of the matching loss beside the captioning loss (cross_attention)", 1.0)
-    match_negatives: int = doc("rolled in-batch negative captions per image for the matching head (cross_attention)", 1)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    init_std: float = doc("std of the normal weight init", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "multimodal"
+    variant: Annotated[Literal["dual_tower", "cross_attention", "shared"], "fusion: two towers + contrastive loss; a text decoder cross-attending to patches; one stack + adapters"] = "dual_tower"
+    image_size: Annotated[int, "image height and width in pixels (square images)"] = 8
+    image_channels: Annotated[int, "image channels (1 = grey levels)"] = 1
+    patch_size: Annotated[int, "square patch side in pixels; must divide image_size"] = 2
+    text_len: Annotated[int, "longest caption in tokens (learned position table size)"] = 32
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    pad_id: Annotated[int, "token id padding captions on the right (byte 0, NUL, for byte tokens)"] = 0
+    d_model: Annotated[int, "model width of every tower"] = 128
+    n_layers: Annotated[int, "blocks of the text encoder / text decoder / the shared stack"] = 2
+    image_layers: Annotated[int | None, "blocks of the image encoder (dual_tower, cross_attention); null = n_layers"] = None
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    embed_dim: Annotated[int | None, "contrastive embedding width (dual_tower, shared); null = d_model"] = None
+    adapter_dim: Annotated[int, "bottleneck width of the per-modality adapters (shared)"] = 16
+    temperature_init: Annotated[float, "initial softmax temperature of the contrastive logits (learned)"] = 0.07
+    match_weight: Annotated[float, "weight of the matching loss beside the captioning loss (cross_attention)"] = 1.0
+    match_negatives: Annotated[int, "rolled in-batch negative captions per image for the matching head (cross_attention)"] = 1
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
 
     def __post_init__(self):
         for name in ("image_size", "image_channels", "patch_size", "text_len", "d_model", "n_layers", "n_heads",
@@ -454,4 +451,4 @@ PRESETS = {
     "small": dict(image_size=8, patch_size=2, text_len=32, d_model=128, n_layers=2, n_heads=4, adapter_dim=16),
 }
 
-archs.register("multimodal", MultimodalConfig, Multimodal, PRESETS)
+register("multimodal", MultimodalConfig, Multimodal, PRESETS)

@@ -29,15 +29,22 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import archs
-from archs.common import PreNormBlock, RotaryLM, apply_rope, check_heads, init_weights, residual_scale
+from archs.common import (
+    PreNormBlock,
+    RotaryLM,
+    apply_rope,
+    check_heads,
+    init_weights,
+    residual_scale,
+)
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 # ----------------------------------------------------------------------------------------------
 # FAVOR+ attention
@@ -201,21 +208,21 @@ def favor_causal_ref(qlog_BHTM: torch.Tensor, klog_BHTM: torch.Tensor, v_BHTD: t
 
 @dataclass
 class PerformerConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "performer")
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    max_seq_len: int = doc("longest sequence the model accepts (RoPE table size)", 256)
-    d_model: int = doc("model width", 256)
-    n_layers: int = doc("number of blocks", 4)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    nb_features: int = doc("random features m per head (error ~ 1/sqrt(m); the paper uses ~D log D)", 128)
-    chunk_size: int = doc("chunk length of the causal prefix sums (an [L, L] product per chunk)", 64)
-    redraw_every: int = doc("redraw the random features every this many training forward calls; 0 = never", 1000)
-    feature_seed: int = doc("seed of the random features (with layer index and draw number)", 0)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    rope_theta: float = doc("RoPE base frequency (rotary positions on q and k before the feature map)", 10000.0)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    tie_embeddings: bool = doc("share the input embedding with the output head", True)
-    init_std: float = doc("std of the normal weight init", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "performer"
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    max_seq_len: Annotated[int, "longest sequence the model accepts (RoPE table size)"] = 256
+    d_model: Annotated[int, "model width"] = 256
+    n_layers: Annotated[int, "number of blocks"] = 4
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    nb_features: Annotated[int, "random features m per head (error ~ 1/sqrt(m); the paper uses ~D log D)"] = 128
+    chunk_size: Annotated[int, "chunk length of the causal prefix sums (an [L, L] product per chunk)"] = 64
+    redraw_every: Annotated[int, "redraw the random features every this many training forward calls; 0 = never"] = 1000
+    feature_seed: Annotated[int, "seed of the random features (with layer index and draw number)"] = 0
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    rope_theta: Annotated[float, "RoPE base frequency (rotary positions on q and k before the feature map)"] = 10000.0
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
 
     def __post_init__(self):
         for name in ("max_seq_len", "d_model", "n_layers", "n_heads", "nb_features", "chunk_size"):
@@ -363,4 +370,4 @@ PRESETS = {
                   redraw_every=100),
 }
 
-archs.register("performer", PerformerConfig, Performer, PRESETS)
+register("performer", PerformerConfig, Performer, PRESETS)

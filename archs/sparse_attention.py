@@ -26,16 +26,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 
-import archs
-from archs.common import (Attention, KVCache, PreNormBlock, RotaryLM, apply_rope, check_heads, init_weights,
-                          residual_scale)
+from archs.common import (
+    Attention,
+    KVCache,
+    PreNormBlock,
+    RotaryLM,
+    apply_rope,
+    check_heads,
+    init_weights,
+    residual_scale,
+)
 from archs.ffn import MoEOptions, active_matmul_params, check_causal_routing, make_ffn
-from cluster.configio import doc
+from archs.registry import register
 
 PATTERNS = ("blockwise", "local_global", "learned")
 
@@ -244,24 +251,24 @@ class SparseAttention(Attention):
 
 @dataclass
 class SparseTransformerConfig(MoEOptions):
-    arch: str = doc("architecture family (registry key)", "sparse_transformer")
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    max_seq_len: int = doc("longest sequence the model accepts (RoPE table size)", 256)
-    d_model: int = doc("model width", 256)
-    n_layers: int = doc("number of transformer blocks", 4)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    n_kv_heads: int | None = doc("key/value heads (grouped-query attention); null = n_heads", None)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    pattern: Literal["blockwise", "local_global", "learned"] = doc("sparse attention pattern", "blockwise")
-    block_size: int = doc("query/key block length (every pattern computes per query block)", 32)
-    prev_blocks: int = doc("blockwise: earlier blocks each block sees besides itself", 2)
-    window: int = doc("local_global: tokens each token sees in its sliding window, itself included", 64)
-    global_tokens: int = doc("local_global: the first g positions, visible to every later token", 4)
-    top_blocks: int = doc("learned: earlier blocks each block selects besides itself", 2)
-    rope_theta: float = doc("RoPE base frequency", 10000.0)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    tie_embeddings: bool = doc("share the input embedding with the output head", True)
-    init_std: float = doc("std of the normal weight init", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "sparse_transformer"
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    max_seq_len: Annotated[int, "longest sequence the model accepts (RoPE table size)"] = 256
+    d_model: Annotated[int, "model width"] = 256
+    n_layers: Annotated[int, "number of transformer blocks"] = 4
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    n_kv_heads: Annotated[int | None, "key/value heads (grouped-query attention); null = n_heads"] = None
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    pattern: Annotated[Literal["blockwise", "local_global", "learned"], "sparse attention pattern"] = "blockwise"
+    block_size: Annotated[int, "query/key block length (every pattern computes per query block)"] = 32
+    prev_blocks: Annotated[int, "blockwise: earlier blocks each block sees besides itself"] = 2
+    window: Annotated[int, "local_global: tokens each token sees in its sliding window, itself included"] = 64
+    global_tokens: Annotated[int, "local_global: the first g positions, visible to every later token"] = 4
+    top_blocks: Annotated[int, "learned: earlier blocks each block selects besides itself"] = 2
+    rope_theta: Annotated[float, "RoPE base frequency"] = 10000.0
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
 
     def __post_init__(self):
         check_heads(self.d_model, self.n_heads, self.n_kv_heads)
@@ -324,4 +331,4 @@ PRESETS = {
                   window=64, global_tokens=4, top_blocks=2),
 }
 
-archs.register("sparse_transformer", SparseTransformerConfig, SparseTransformer, PRESETS)
+register("sparse_transformer", SparseTransformerConfig, SparseTransformer, PRESETS)

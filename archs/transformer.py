@@ -6,31 +6,39 @@ modules without changing checkpoint keys; each block's `mlp` is a slot that the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 
-import archs
-from archs.common import (Attention, KVCache, PreNormBlock, RotaryLM, SwiGLU, check_heads, init_weights,
-                          residual_scale)
+from archs.common import (
+    Attention,
+    KVCache,
+    PreNormBlock,
+    RotaryLM,
+    SwiGLU,
+    check_heads,
+    init_weights,
+    residual_scale,
+)
 from archs.ffn import active_matmul_params
-from cluster.configio import doc
+from archs.registry import register
 
 
 @dataclass
 class TransformerConfig:
-    arch: str = doc("architecture family (registry key)", "transformer")
-    vocab_size: int | None = doc("vocabulary size; null takes it from the dataset's metadata", None)
-    max_seq_len: int = doc("longest sequence the model accepts (RoPE table size)", 256)
-    d_model: int = doc("model width", 256)
-    n_layers: int = doc("number of transformer blocks", 4)
-    n_heads: int = doc("attention heads; must divide d_model", 4)
-    n_kv_heads: int | None = doc("key/value heads (grouped-query attention); null = n_heads", None)
-    d_ff: int | None = doc("SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64", None)
-    attn_window: int | None = doc("local attention window (tokens each token sees, itself included); null = full causal", None)
-    rope_theta: float = doc("RoPE base frequency", 10000.0)
-    norm_eps: float = doc("RMSNorm epsilon", 1e-5)
-    tie_embeddings: bool = doc("share the input embedding with the output head", True)
-    init_std: float = doc("std of the normal weight init", 0.02)
+    arch: Annotated[str, "architecture family (registry key)"] = "transformer"
+    vocab_size: Annotated[int | None, "vocabulary size; null takes it from the dataset's metadata"] = None
+    max_seq_len: Annotated[int, "longest sequence the model accepts (RoPE table size)"] = 256
+    d_model: Annotated[int, "model width"] = 256
+    n_layers: Annotated[int, "number of transformer blocks"] = 4
+    n_heads: Annotated[int, "attention heads; must divide d_model"] = 4
+    n_kv_heads: Annotated[int | None, "key/value heads (grouped-query attention); null = n_heads"] = None
+    d_ff: Annotated[int | None, "SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of 64"] = None
+    attn_window: Annotated[int | None, "local attention window (tokens each token sees, itself included); null = full causal"] = None
+    rope_theta: Annotated[float, "RoPE base frequency"] = 10000.0
+    norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
+    tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
+    init_std: Annotated[float, "std of the normal weight init"] = 0.02
 
     def __post_init__(self):
         check_heads(self.d_model, self.n_heads, self.n_kv_heads)
@@ -80,4 +88,4 @@ PRESETS = {
     "small": dict(max_seq_len=256, d_model=256, n_layers=4, n_heads=4),
 }
 
-archs.register("transformer", TransformerConfig, Transformer, PRESETS)
+register("transformer", TransformerConfig, Transformer, PRESETS)

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from cluster.configio import to_dict
+from cluster.config.typed import to_dict
 
 # DCP warns on every single-process save/load (generation, tests); that is the intent there.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

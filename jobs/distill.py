@@ -3,7 +3,7 @@
   python -m jobs.distill --teacher runs/TEACHER --config performer --set train.steps=300
   python -m jobs.distill --teacher runs/TEACHER --config mamba --set model.d_model=128 --name edge-student
 
-The student trains through the same loop as `jobs.train` (train.task: distill, cluster/distill.py):
+The student trains through the same loop as `jobs.train` (train.task: distill, cluster/tasks/distill.py):
 loss = (1 - alpha) * data cross-entropy + alpha * T^2 * KL(teacher_T || student_T), with
 `train.distill_alpha` and `train.distill_temperature` (--set). The data default to the teacher's
 dataset. The summary (also RUN_DIR/distill_summary.json) compares the student's validation
@@ -33,7 +33,7 @@ def build_job(args):
     """The student's JobConfig: the teacher's data unless overridden, task distill."""
     import yaml
 
-    from cluster.config import load_config
+    from cluster.config.job import load_config
 
     teacher = Path(args.teacher).resolve()
     if not (teacher / "config.yaml").is_file():
@@ -49,10 +49,10 @@ def build_job(args):
 
 def compare(summary: dict, job) -> dict:
     """Teacher vs student on the validation sequences the loop evaluated, and their sizes."""
-    from cluster import deploy
-    from cluster.data import TokenDataset, eval_batches
-    from cluster.distill import load_teacher
-    from jobs.generate import load_run
+    from cluster.deploy import serving as deploy
+    from cluster.data.tokens import TokenDataset, eval_batches
+    from cluster.tasks.distill import load_teacher
+    from cluster.deploy.load import load_run
 
     batches = eval_batches(TokenDataset(job.data.path, "val"), job.train.eval_sequences, job.train.micro_batch_size, 0, 1)
     teacher, _, teacher_ckpt = load_teacher(job.train.teacher)
@@ -75,7 +75,7 @@ def compare(summary: dict, job) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from cluster.configio import ConfigError
+    from cluster.config.typed import ConfigError
 
     try:
         job = build_job(args)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from cluster import checkpoint
-    from cluster.trainer import fit
+    from cluster.train.driver import fit
     from jobs.train import print_summary
 
     try:

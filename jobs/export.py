@@ -47,12 +47,12 @@ def progress(msg: str) -> None:
 
 
 def load(args):
-    from jobs.generate import load_run
+    from cluster.deploy.load import load_run
 
     expect = None
     if args.config:
-        from cluster.config import load_config
-        from cluster.trainer import resolve
+        from cluster.config.job import load_config
+        from cluster.train.driver import resolve
 
         expect = resolve(load_config(args.config)).model  # vocab from its data, as in training
     model, _, ckpt = load_run(args.run_dir, args.step, model_cfg=expect)
@@ -63,13 +63,13 @@ def load(args):
 
 
 def batches_for(run_dir, n: int) -> list:
-    from cluster.deploy import validation_batches
+    from cluster.deploy.serving import validation_batches
 
     return validation_batches(run_dir, n)
 
 
 def run_onnx(args, model, ckpt, out: Path) -> dict:
-    from cluster import deploy
+    from cluster.deploy import serving as deploy
 
     deploy.check_exportable(model.cfg)
     t0 = time.perf_counter()
@@ -92,7 +92,8 @@ def run_onnx(args, model, ckpt, out: Path) -> dict:
 
 
 def run_quantize(args, model, ckpt, out: Path) -> dict:
-    from cluster import deploy, quantize as q
+    from cluster.deploy import serving as deploy
+    from cluster.deploy import quantize as q
 
     if args.quantize == "nf4":
         q.quantize_nf4(model)  # raises on CPU with the reason
@@ -132,8 +133,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from cluster import checkpoint, deploy
-    from cluster.configio import ConfigError
+    from cluster import checkpoint
+    from cluster.deploy import serving as deploy
+    from cluster.config.typed import ConfigError
 
     t0 = time.perf_counter()
     try:

@@ -11,45 +11,9 @@ from pathlib import Path
 
 import torch
 
-import archs
 from archs.sampling import generate
 from cluster import checkpoint
-from cluster.config import model_from_dict
-from cluster.tokenizer import load_tokenizer
-
-
-def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_memory_bytes: int | None = None,
-             offload_dir: str | Path | None = None):
-    """(model, tokenizer, checkpoint path) of a run's latest complete checkpoint (or `step`'s).
-
-    Any parallel layout's checkpoint loads here on one process (experts are keyed by global
-    index). `model_cfg`: the model the caller expects; a checkpoint of another model (another
-    architecture, another shape) is refused. `max_memory_bytes` + `offload_dir`: a model larger
-    than memory loads through accelerate (cluster/deploy.py: blocks beyond the budget stay on disk).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    if step is None:
-        ckpt = checkpoint.latest_complete(run_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet ({checkpoint.PREFIX}* with meta.json)")
-    else:
-        ckpt = run_dir / checkpoint.dir_name(step)
-    meta = checkpoint.read_meta(ckpt)
-    if model_cfg is not None:
-        checkpoint.check_model(meta, model_cfg, ckpt)
-    model_cfg = model_from_dict(meta["model"])
-    if max_memory_bytes is not None:
-        from cluster.deploy import load_offloaded
-
-        if offload_dir is None:
-            raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
-        model = load_offloaded(ckpt, model_cfg, max_memory_bytes, offload_dir)
-    else:
-        model = archs.build(model_cfg)
-        checkpoint.load_model_weights(ckpt, model, model_cfg)
-    return model.eval(), load_tokenizer(run_dir / "tokenizer"), ckpt
+from cluster.deploy.load import load_run
 
 
 def main(argv=None) -> int:
@@ -93,7 +57,7 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t0
     print(f"# {ckpt}", file=sys.stderr)
     if args.max_memory_mb is not None:
-        from cluster.deploy import resident_bytes
+        from cluster.deploy.serving import resident_bytes
 
         disk = [name for name, where in model.device_map.items() if where == "disk"]
         print(f"# {resident_bytes(model) / 2**20:.2f} MB of weights resident (budget {args.max_memory_mb} MB); "

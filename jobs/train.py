@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.config import dump_config, load_config
-from cluster.configio import ConfigError, describe
+from cluster.config.job import dump_config, load_config
+from cluster.config.typed import ConfigError, describe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.help_config:
-        from cluster.config import JobConfig
+        from cluster.config.job import JobConfig
         print("\n".join(describe(JobConfig)))
         print("model.*: see the model family's fields: python -m jobs.train --print-config")
         return 0
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(dump_config(job), end="")
         return 0
 
-    from cluster.trainer import fit  # Ray is imported only when training
+    from cluster.train.driver import fit  # Ray is imported only when training
 
     try:
         summary = fit(job)

@@ -2,35 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-from cluster.configio import doc
+from typing import Annotated, Literal
 
 BACKENDS = ("auto", "loop", "padded", "grouped", "blocksparse", "megablocks")
 
 
 @dataclass
 class MoEConfig:
-    num_experts: int = doc("routed experts per MoE layer", 8)
-    top_k: int = doc("experts per token (token-choice routing)", 2)
-    expert_hidden: int = doc("hidden width of each expert's SwiGLU MLP", 256)
-    router: Literal["topk", "expert_choice"] = doc(
-        "token-choice top-k, or expert-choice (each expert takes its top-C tokens; non-causal: training only)", "topk")
-    score_func: Literal["softmax", "sigmoid"] = doc("router score function", "softmax")
-    renormalize: bool = doc("rescale the kept top-k weights to sum to 1 (not for top-1 softmax, whose weight would always be 1)", True)
-    jitter: float = doc("multiplicative uniform jitter on the router input in training (Switch); 0 = off", 0.0)
-    num_groups: int | None = doc("group-limited routing: experts split into this many groups; null = off", None)
-    group_topk: int | None = doc("groups a token may route into (group-limited routing)", None)
-    capacity_factor: float | None = doc(
-        "C = ceil(capacity_factor * T * k / E) per expert over a rank's tokens in training; null = dropless", None)
-    min_capacity: int = doc("lower bound on C", 4)
-    drop_policy: Literal["score", "position"] = doc("which overflowing copies are dropped: lowest score, or latest position", "score")
-    aux_loss_coeff: float = doc("Switch load-balancing loss E * sum_e f_e * P_e (per micro-batch); 0 = off", 1e-2)
-    seq_aux_loss_coeff: float = doc("the same loss per sequence, averaged; 0 = off", 0.0)
-    z_loss_coeff: float = doc("router z-loss mean(logsumexp(logits)^2); 0 = off", 1e-3)
-    bias_update_rate: float = doc("auxiliary-loss-free balancing: per-step sign update of a selection bias; 0 = off", 0.0)
-    shared_expert_hidden: int | None = doc("hidden width of an always-on shared expert (DeepSeek); null = none", None)
-    backend: Literal[BACKENDS] = doc("grouped-GEMM backend for the experts (kernels/); auto = fastest here", "auto")
+    num_experts: Annotated[int, "routed experts per MoE layer"] = 8
+    top_k: Annotated[int, "experts per token (token-choice routing)"] = 2
+    expert_hidden: Annotated[int, "hidden width of each expert's SwiGLU MLP"] = 256
+    router: Annotated[Literal["topk", "expert_choice"], "token-choice top-k, or expert-choice (each expert takes its top-C tokens; non-causal: training only)"] = "topk"
+    score_func: Annotated[Literal["softmax", "sigmoid"], "router score function"] = "softmax"
+    renormalize: Annotated[bool, "rescale the kept top-k weights to sum to 1 (not for top-1 softmax, whose weight would always be 1)"] = True
+    jitter: Annotated[float, "multiplicative uniform jitter on the router input in training (Switch); 0 = off"] = 0.0
+    num_groups: Annotated[int | None, "group-limited routing: experts split into this many groups; null = off"] = None
+    group_topk: Annotated[int | None, "groups a token may route into (group-limited routing)"] = None
+    capacity_factor: Annotated[float | None, "C = ceil(capacity_factor * T * k / E) per expert over a rank's tokens in training; null = dropless"] = None
+    min_capacity: Annotated[int, "lower bound on C"] = 4
+    drop_policy: Annotated[Literal["score", "position"], "which overflowing copies are dropped: lowest score, or latest position"] = "score"
+    aux_loss_coeff: Annotated[float, "Switch load-balancing loss E * sum_e f_e * P_e (per micro-batch); 0 = off"] = 1e-2
+    seq_aux_loss_coeff: Annotated[float, "the same loss per sequence, averaged; 0 = off"] = 0.0
+    z_loss_coeff: Annotated[float, "router z-loss mean(logsumexp(logits)^2); 0 = off"] = 1e-3
+    bias_update_rate: Annotated[float, "auxiliary-loss-free balancing: per-step sign update of a selection bias; 0 = off"] = 0.0
+    shared_expert_hidden: Annotated[int | None, "hidden width of an always-on shared expert (DeepSeek); null = none"] = None
+    backend: Annotated[Literal[BACKENDS], "grouped-GEMM backend for the experts (kernels/); auto = fastest here"] = "auto"
 
     def __post_init__(self):
         E, k = self.num_experts, self.top_k

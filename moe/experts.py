@@ -8,6 +8,20 @@ import torch.nn.functional as F
 from kernels import grouped_mm
 
 
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the gated MLP of Llama-style transformers (a dense FFN, and the
+    shared expert of an MoE layer)."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x_BTC)) * self.w3(x_BTC))
+
+
 class _SwiGLU(torch.autograd.Function):
     """silu(gate) * up [* weight] for h = [gate | up] of shape [M, 2F], optional weights [M].
 

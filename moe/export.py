@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe.config import MoEConfig
+from moe.experts import SwiGLU
 from moe.router import group_limit
 
 
@@ -70,7 +71,6 @@ class InferenceMoE(nn.Module):
         self.experts = nn.ModuleList(ExpertMLP(d_model, cfg.expert_hidden) for _ in range(cfg.num_experts))
         self.shared = None
         if cfg.shared_expert_hidden:
-            from archs.common import SwiGLU  # archs.common is light; imported here to keep moe/ import order
 
             self.shared = SwiGLU(d_model, cfg.shared_expert_hidden)
 

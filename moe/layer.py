@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from archs.common import SwiGLU
 from moe.config import MoEConfig
 from moe.dispatcher import LocalDispatcher
-from moe.experts import GroupedExperts
+from moe.experts import GroupedExperts, SwiGLU
 from moe.losses import attach_aux_loss, router_losses
 from moe.router import build_router, capacity
 from moe.stats import StepStats
@@ -62,3 +61,8 @@ class MoELayer(nn.Module):
 def set_aux_loss_scale(layers: list[MoELayer], scale: float) -> None:
     for layer in layers:
         layer.aux_loss_scale = scale
+
+
+def moe_layers(model: nn.Module) -> list[MoELayer]:
+    """Every MoE layer of `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, MoELayer)]

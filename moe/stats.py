@@ -39,11 +39,6 @@ class StepStats:
         return row
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from moe.layer import MoELayer
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool = True,
                 group: dist.ProcessGroup | None = None, layer_ids: list[int] | None = None,
                 num_experts: int | None = None) -> dict:

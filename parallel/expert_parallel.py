@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from moe.dispatcher import Dispatched, keep_order
 from moe.router import Routing
-from moe.stats import moe_layers
+from moe.layer import moe_layers
 from parallel.mesh import ProcessGroups
 
 

@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from moe.dispatcher import Dispatched, keep_order
 from moe.router import Routing
-from moe.stats import moe_layers
+from moe.layer import moe_layers
 from parallel.mesh import ProcessGroups
 
 

@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = str(Path(sys.executable).parent)
 
 
+def ensure_ray_token() -> None:
+    """Token mode needs a token on disk before `ray start`; a fresh machine (CI) has none, so
+    make one the way a user would (`ray get-auth-token --generate`, into ~/.ray/auth_token)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser().is_file():
+        return
+    subprocess.run([os.path.join(VENV_BIN, "ray"), "get-auth-token", "--generate"], check=True,
+                   capture_output=True, timeout=60)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,7 +67,7 @@ def stop_cluster(temp: Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The built-in corpus as 64-token byte sequences (the `debug` preset's length)."""
-    from jobs.prepare_data import prepare
+    from cluster.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "pydoc-byte-64"
     prepare(source="pydoc", out=str(out), tokenizer="byte", seq_len=64)
@@ -69,8 +78,8 @@ def tiny_data(tmp_path_factory) -> Path:
 def trained_runs(tmp_path_factory, tiny_data) -> dict[str, Path]:
     """A dense and an MoE debug model, each trained 40 steps in-process and checkpointed as a
     run (shared by the export and quantization tests, which only read them)."""
-    from cluster.config import load_config
-    from jobs.bench_deploy import train_local
+    from cluster.config.job import load_config
+    from cluster.bench.deploy import train_local
 
     root = tmp_path_factory.mktemp("runs")
     out = {}
@@ -114,6 +123,7 @@ def ray_cluster(tmp_path_factory):
     """
     import ray
 
+    ensure_ray_token()
     gcs, dash = free_port(), free_port()
     temp = Path("/tmp") / f"raymoe-test-{os.getpid()}"  # short: Ray's socket paths have a length limit
     env = env_with_venv()

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-from tests.conftest import REPO, VENV_BIN, env_with_venv, free_port, stop_cluster
+from tests.conftest import REPO, VENV_BIN, ensure_ray_token, env_with_venv, free_port, stop_cluster
 
 
 def fake_cluster_config(gcs_address: str, worker_cpus: int = 1, max_nodes: int = 2) -> dict:
@@ -69,6 +69,7 @@ class FakeCluster:
                         RAYMOE_FAKE_HOLD_LAUNCHES=str(self.hold_file))
 
     def start(self) -> None:
+        ensure_ray_token()
         head = self.config["available_node_types"]["ray.head.default"]["resources"]
         cmd = [os.path.join(VENV_BIN, "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
                f"--port={self.port}", f"--num-cpus={head.get('CPU', 0)}", "--num-gpus=0",

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.capacity import NodeType, check_capacity, node_types_from_config
-from cluster.config import load_config
-from cluster.configio import ConfigError
-from cluster.trainer import fit, read_metrics, step_losses
+from cluster.train.capacity import NodeType, check_capacity, node_types_from_config
+from cluster.config.job import load_config
+from cluster.config.typed import ConfigError
+from cluster.train.driver import fit, read_metrics, step_losses
 from tests.conftest import REPO, free_port
 from tests.fake_cluster import FakeCluster, wait_for
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from jobs import bench
-from jobs.bench_archs import MODELS, LiveBytes, tensor_bytes
+from cluster.bench.archs import MODELS, LiveBytes, tensor_bytes
 
 TINY = ["--quick", "--preset", "debug", "--seq-lens", "32", "64", "--tokens-per-step", "128", "--window", "16",
         "--gen-context", "32", "--gen-tokens", "3", "--scan-lens", "32", "--repeats", "1"]

@@ -9,9 +9,9 @@ import torch
 import archs
 from archs.transformer import PRESETS, TransformerConfig
 from cluster import checkpoint
-from cluster.amp import DynamicLossScaler
-from cluster.optim import build_optimizer, build_scheduler
-from cluster.step import train_step
+from cluster.train.precision import DynamicLossScaler
+from cluster.train.optim import build_optimizer, build_scheduler
+from cluster.train.step import train_step
 from tests.test_step import CPU, ArrayLM, global_batches
 
 CFG = TransformerConfig(**PRESETS["debug"], vocab_size=50)

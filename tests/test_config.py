@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from cluster.config import JobConfig, dump_config, job_from_dict, load_config
-from cluster.configio import ConfigError, apply_overrides, parse_override
+from cluster.config.job import JobConfig, dump_config, job_from_dict, load_config
+from cluster.config.typed import ConfigError, apply_overrides, parse_override
 
 
 def test_default_config_loads_small_preset():

@@ -11,10 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.data import (GlobalOrder, ShardedBatches, TokenDataset, batch_indices,
-                          eval_batches, micro_batches, read_meta, write_dataset)
-from cluster.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
-from jobs.prepare_data import ensure_default_dataset, prepare
+from cluster.data.tokens import GlobalOrder, ShardedBatches, TokenDataset, batch_indices, eval_batches, micro_batches, read_meta, write_dataset
+from cluster.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from cluster.data.prepare import ensure_default_dataset, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = "Hello, world! Ünïcödé ✓ 日本語 and emoji 🙂\n\ttabs  and  spaces "

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster import checkpoint, deploy
-from cluster.config import load_config
-from cluster.configio import ConfigError
-from cluster.distill import Distillation
-from jobs.bench_deploy import train_local
-from jobs.generate import load_run
+from cluster import checkpoint
+from cluster.deploy import serving as deploy
+from cluster.config.job import load_config
+from cluster.config.typed import ConfigError
+from cluster.tasks.distill import Distillation
+from cluster.bench.deploy import train_local
+from cluster.deploy.load import load_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

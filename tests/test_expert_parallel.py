@@ -17,12 +17,12 @@ import torch.multiprocessing as mp
 import archs
 from archs.moe_transformer import PRESETS, MoETransformerConfig
 from cluster import checkpoint
-from cluster.amp import DynamicLossScaler
-from cluster.step import train_step
+from cluster.train.precision import DynamicLossScaler
+from cluster.train.step import train_step
 from moe.config import MoEConfig
 from moe.dispatcher import LocalDispatcher
 from moe.router import Routing
-from moe.stats import moe_layers
+from moe.layer import moe_layers
 from parallel.data_parallel import apply_data_parallel
 from parallel.expert_parallel import AllToAllDispatcher, apply_expert_parallel, source_to_expert_major
 from parallel.mesh import ParallelDims, build_groups

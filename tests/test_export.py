@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import archs
-from cluster import checkpoint, deploy
-from cluster.config import model_from_dict
-from jobs.generate import load_run
+from cluster import checkpoint
+from cluster.deploy import serving as deploy
+from cluster.config.job import model_from_dict
+from cluster.deploy.load import load_run
 from moe.config import MoEConfig
 from moe.export import InferenceMoE, to_inference
 from moe.layer import MoELayer

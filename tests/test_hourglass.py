@@ -8,7 +8,7 @@ import archs
 from archs.hourglass import PRESETS, HourglassConfig
 from archs.sampling import generate
 from archs.transformer import TransformerConfig
-from cluster.config import load_config
+from cluster.config.job import load_config
 from moe.config import MoEConfig
 from parallel.data_parallel import apply_activation_checkpointing
 

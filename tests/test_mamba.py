@@ -162,7 +162,7 @@ def test_debug_preset_trains(kw):
 @pytest.mark.parametrize("name, moe_ids", [("mamba", []), ("mamba_moe_debug", [0, 1])])
 def test_job_configs_build(name, moe_ids):
     import archs
-    from cluster.config import load_config
+    from cluster.config.job import load_config
 
     job = load_config(name, ["model.vocab_size=256"])
     model = archs.build(job.model)

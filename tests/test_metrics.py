@@ -13,11 +13,11 @@ import urllib.request
 import pytest
 import yaml
 
-from cluster.config import MetricsConfig, load_config
-from cluster.metrics import PrometheusBackend, build_metrics
+from cluster.config.job import MetricsConfig, load_config
+from cluster.train.metrics import PrometheusBackend, build_metrics
 from tests.conftest import REPO, free_port
 
-MONITORING = REPO / "cluster" / "monitoring"
+MONITORING = REPO / "cluster" / "train" / "monitoring"
 
 
 def record(layers=2, experts=4):
@@ -153,7 +153,7 @@ def prometheus_server(tmp_path):
 
 @pytest.mark.ray
 def test_prometheus_scrapes_a_live_moe_run(ray_cluster, tiny_data, tmp_path, prometheus_server):
-    from cluster.trainer import fit
+    from cluster.train.driver import fit
     from tests.test_ray_train import debug_overrides
 
     base, targets = prometheus_server
@@ -184,7 +184,7 @@ def test_prometheus_scrapes_a_live_moe_run(ray_cluster, tiny_data, tmp_path, pro
 # ----------------------------------------------------------------------------------------- plots
 
 def test_report_writes_pngs_and_rejects_a_run_without_metrics(tmp_path):
-    from jobs.report import report
+    from cluster.train.report import report
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(FileNotFoundError, match="has no metrics"):

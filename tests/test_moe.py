@@ -13,17 +13,18 @@ import archs
 from archs.moe_transformer import PRESETS, MoETransformerConfig
 from archs.sampling import generate
 from cluster import checkpoint
-from cluster.amp import DynamicLossScaler
-from cluster.config import load_config
-from cluster.optim import build_optimizer, build_scheduler
-from cluster.step import train_step
+from cluster.train.precision import DynamicLossScaler
+from cluster.config.job import load_config
+from cluster.train.optim import build_optimizer, build_scheduler
+from cluster.train.step import train_step
 from kernels import available_backends
 from moe.config import MoEConfig
 from moe.dispatcher import keep_order
 from moe.layer import MoELayer
 from moe.losses import load_balancing_loss, sequence_load_balancing_loss, z_loss
 from moe.router import TopKRouter, capacity
-from moe.stats import finish_step, moe_layers
+from moe.layer import moe_layers
+from moe.stats import finish_step
 from tests.test_step import CPU, ArrayLM
 
 

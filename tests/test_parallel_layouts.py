@@ -15,11 +15,11 @@ import parallel
 from archs.moe_transformer import PRESETS as MOE_PRESETS
 from archs.moe_transformer import MoETransformerConfig
 from archs.transformer import PRESETS, TransformerConfig
-from cluster.amp import DynamicLossScaler
-from cluster.config import ConfigError, load_config, num_experts
-from cluster.step import train_step
+from cluster.train.precision import DynamicLossScaler
+from cluster.config.job import ConfigError, load_config, num_experts
+from cluster.train.step import train_step
 from moe.config import MoEConfig
-from moe.stats import moe_layers
+from moe.layer import moe_layers
 from parallel.mesh import ParallelDims, build_groups, valid_layouts
 from parallel.pipeline import stage_layers
 from tests.test_expert_parallel import spawn
@@ -225,7 +225,7 @@ def test_dp2_through_parallel_apply_equals_single_process(tmp_path):
 
 def _ckpt_worker(rank, world, layout, cfg, data, out):
     from cluster import checkpoint
-    from cluster.optim import build_optimizer
+    from cluster.train.optim import build_optimizer
 
     dims = ParallelDims.build(world, 1, num_experts(cfg), tp=layout.get("tp", 1), pp=layout.get("pp", 1), model_cfg=cfg)
     par = parallel.apply(build(cfg), build_groups(dims, rank), CPU, schedule=layout.get("schedule", "1f1b"))
@@ -240,7 +240,7 @@ def check_checkpoint_to_single_process(tmp_path, cfg, layout: dict, world: int =
     """`layout` trains 3 steps (AdamW) and saves; one process loads it into the whole model (another
     init) and trains 3 more: the losses equal a straight single-process run of 6 steps."""
     from cluster import checkpoint
-    from cluster.optim import build_optimizer
+    from cluster.train.optim import build_optimizer
 
     data = step_data(1, 2)
 

@@ -275,7 +275,7 @@ def test_checkpoint_resume_across_a_redraw_continues_exactly(tmp_path):
 @pytest.mark.parametrize("name, moe_ids", [("performer", []), ("performer_moe_debug", [0, 1])])
 def test_job_configs_build(name, moe_ids):
     import archs
-    from cluster.config import load_config
+    from cluster.config.job import load_config
 
     job = load_config(name, ["model.vocab_size=256"])
     model = archs.build(job.model)

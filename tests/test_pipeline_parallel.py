@@ -47,8 +47,8 @@ def test_pp2_job_on_ray_train_follows_the_one_worker_run(ray_cluster, tiny_data,
     and validation losses as the same job on 1 worker, and a checkpoint the one-process tools read."""
     import archs
     from cluster import checkpoint
-    from cluster.config import load_config
-    from cluster.trainer import fit, read_metrics, step_losses
+    from cluster.config.job import load_config
+    from cluster.train.driver import fit, read_metrics, step_losses
 
     def job(name, *extra):
         return load_config("debug", [f"data.path={tiny_data}", "data.builtin=null", f"cluster.storage_path={tmp_path}",

@@ -10,10 +10,10 @@ import torch
 
 import archs
 from archs.sampling import generate
-from cluster import deploy
-from cluster.config import model_from_dict
-from cluster.quantize import _pack_int4, _unpack_int4, load_quantized, quantize, quantize_nf4, save_float, save_quantized
-from jobs.generate import load_run
+from cluster.deploy import serving as deploy
+from cluster.config.job import model_from_dict
+from cluster.deploy.quantize import _pack_int4, _unpack_int4, load_quantized, quantize, quantize_nf4, save_float, save_quantized
+from cluster.deploy.load import load_run
 from moe.export import InferenceMoE
 from tests.conftest import REPO
 
@@ -52,7 +52,7 @@ def test_quantized_model_reloads_to_the_same_outputs_and_stays_within_the_loss_b
 
 
 def test_moe_experts_are_quantized_one_by_one(runs):
-    from cluster.quantize import _torchao
+    from cluster.deploy.quantize import _torchao
 
     _, Intx = _torchao()
     model, _, _ = load_run(runs["moe"])

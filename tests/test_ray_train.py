@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from cluster import checkpoint
-from cluster.config import load_config
-from cluster.trainer import fit, read_metrics, step_losses
+from cluster.config.job import load_config
+from cluster.train.driver import fit, read_metrics, step_losses
 from tests.conftest import REPO
 
 __all__ = ["debug_job", "debug_overrides"]

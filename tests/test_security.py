@@ -6,8 +6,8 @@ import pickle
 import pytest
 
 from cluster import checkpoint
-from cluster.config import ClusterConfig, MetricsConfig, load_config
-from cluster.configio import ConfigError
+from cluster.config.job import ClusterConfig, MetricsConfig, load_config
+from cluster.config.typed import ConfigError
 from tests.test_checkpoint import CFG, fresh, save
 
 

@@ -13,7 +13,7 @@ import archs
 from archs.sampling import generate
 from archs.sparse_attention import (PATTERNS, PRESETS, SparsePattern, SparseTransformerConfig, block_means,
                                     gathered_attention, learned_positions, sparse_attention)
-from cluster.config import load_config
+from cluster.config.job import load_config
 from moe.config import MoEConfig
 from parallel.data_parallel import apply_activation_checkpointing
 

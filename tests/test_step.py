@@ -11,10 +11,10 @@ import torch.multiprocessing as mp
 
 import archs
 from archs.transformer import PRESETS, TransformerConfig
-from cluster.amp import DynamicLossScaler
-from cluster.optim import build_optimizer, build_scheduler, lr_factor
-from cluster.step import train_step
-from cluster.tasks import LanguageModeling
+from cluster.train.precision import DynamicLossScaler
+from cluster.train.optim import build_optimizer, build_scheduler, lr_factor
+from cluster.train.step import train_step
+from cluster.tasks.lm import LanguageModeling
 from parallel.data_parallel import apply_data_parallel
 from tests.conftest import free_port
 

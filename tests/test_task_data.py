@@ -3,11 +3,11 @@ statistics from the training part only, captions made from labels, exact reads i
 import numpy as np
 import pytest
 
-from cluster.data import GlobalOrder, ShardedBatches
-from cluster.forecasting import load_series, make_windows, prepare_forecast
-from cluster.image_text import CANDIDATE, WORDS, prepare_image_text
-from cluster.samples import SampleDataset, read_sample_meta
-from cluster.tokenizer import ByteTokenizer
+from cluster.data.tokens import GlobalOrder, ShardedBatches
+from cluster.data.forecast import load_series, make_windows, prepare_forecast
+from cluster.data.image_text import CANDIDATE, WORDS, prepare_image_text
+from cluster.data.samples import SampleDataset, read_sample_meta
+from cluster.data.tokenizer import ByteTokenizer
 
 
 def test_bundled_series_load_and_co2_gaps_are_interpolated():

@@ -6,13 +6,15 @@ import pytest
 import torch
 
 import archs
-from cluster.amp import DynamicLossScaler
-from cluster.config import load_config
-from cluster.forecasting import Forecasting, prepare_forecast
-from cluster.image_text import ImageText, prepare_image_text
-from cluster.optim import build_optimizer
-from cluster.step import evaluate_task, train_step
-from cluster.trainer import fit, read_metrics, step_losses
+from cluster.train.precision import DynamicLossScaler
+from cluster.config.job import load_config
+from cluster.tasks.forecast import Forecasting
+from cluster.data.forecast import prepare_forecast
+from cluster.tasks.image_text import ImageText
+from cluster.data.image_text import prepare_image_text
+from cluster.train.optim import build_optimizer
+from cluster.train.step import evaluate_task, train_step
+from cluster.train.driver import fit, read_metrics, step_losses
 
 CPU = torch.device("cpu")
 

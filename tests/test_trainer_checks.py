@@ -1,8 +1,8 @@
 """The driver rejects bad data and bad model/data combinations before Ray or any worker starts."""
 import pytest
 
-import cluster.trainer
-from cluster.trainer import fit
+import cluster.train.driver
+from cluster.train.driver import fit
 from tests.test_ray_train import debug_job
 
 

@@ -18,18 +18,18 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import checkpoint
-from cluster.capacity import check_cluster, check_reachable
-from cluster.config import JobConfig, dump_config
-from cluster.malloc import CACHING_MALLOC_ENV
-from cluster.loop import train_loop_per_worker
-from cluster.tasks import build_task
+from cluster.config.job import JobConfig, dump_config
+from cluster.tasks.registry import build_task
+from cluster.train.capacity import check_cluster, check_reachable
+from cluster.train.loop import train_loop_per_worker
+from cluster.train.malloc import CACHING_MALLOC_ENV
 
 
 def prepare_data(job: JobConfig) -> None:
     """Create the built-in corpus if `data.path` does not exist and `data.builtin` names one."""
     d, m = job.data, job.model
     if d.builtin is not None and not Path(d.path).exists():
-        from jobs.prepare_data import ensure_default_dataset, ensure_task_dataset
+        from cluster.data.prepare import ensure_default_dataset, ensure_task_dataset
 
         print(f"[raymoe] preparing the built-in '{d.builtin}' data at {d.path} ...", flush=True)
         if d.builtin == "pydoc":
@@ -101,7 +101,7 @@ def fit(job: JobConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # Train's print patch would send each progress line twice through its logger;
-                             # CPU workers keep freed activations for reuse (cluster/malloc.py).
+                             # CPU workers keep freed activations for reuse (cluster/train/malloc.py).
                              worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
                                                               **({} if c.use_gpu else CACHING_MALLOC_ENV)}}),
     )

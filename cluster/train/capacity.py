@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import ClusterConfig
-from cluster.configio import ConfigError
+from cluster.config.job import ClusterConfig
+from cluster.config.typed import ConfigError
 
 GCS_PORT = 6379  # `ray start --head` default
 CLIENT_PORT = 10001  # Ray Client (ray://) default

@@ -14,7 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cluster.data import GlobalOrder, ShardedBatches, TokenDataset, eval_batches, read_meta
+from cluster.data.tokens import (
+    GlobalOrder,
+    ShardedBatches,
+    TokenDataset,
+    eval_batches,
+    read_meta,
+)
 
 
 class Task(Protocol):
@@ -82,32 +88,3 @@ class LanguageModeling:
 
     def eval_metrics(self, mean_loss):
         return {"val_loss": mean_loss, "val_ppl": math.exp(min(mean_loss, 50.0))}
-
-
-def _distillation(data_cfg, train_cfg) -> Task:
-    from cluster.distill import Distillation  # loads a teacher model: imported only when used
-
-    return Distillation.from_config(data_cfg, train_cfg)
-
-
-def _forecasting(data_cfg, train_cfg) -> Task:
-    from cluster.forecasting import Forecasting
-
-    return Forecasting(data_cfg.path)
-
-
-def _image_text(data_cfg, train_cfg) -> Task:
-    from cluster.image_text import ImageText
-
-    return ImageText(data_cfg.path)
-
-
-# name -> build(data config, train config)
-TASKS = {"lm": lambda data_cfg, train_cfg: LanguageModeling(data_cfg.path), "distill": _distillation,
-         "forecast": _forecasting, "image_text": _image_text}
-
-
-def build_task(name: str, data_cfg, train_cfg=None) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"train.task: unknown task {name!r}; valid: {', '.join(TASKS)}")
-    return TASKS[name](data_cfg, train_cfg)

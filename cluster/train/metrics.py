@@ -4,7 +4,7 @@ Rank 0 of a run owns the metrics. Its Prometheus exporter is raymoe's own HTTP s
 (prometheus-client, series prefixed `raymoe_`, labelled `run` and, for MoE, `layer` and
 `expert`), independent of Ray's metrics agent and its `ray_` series. It binds to 127.0.0.1
 unless `metrics.host` says otherwise and writes a Prometheus `file_sd` target file so a server
-started with `cluster/monitoring/prometheus.yml` finds it. An exporter that cannot start (port
+started with `cluster/train/monitoring/prometheus.yml` finds it. An exporter that cannot start (port
 taken, unwritable directory) prints a warning; training never dies for it.
 
 Cardinality: per-layer MoE summaries are always exported; per-expert token counts (the heatmap)

@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cluster.amp import DynamicLossScaler, autocast
-from moe.layer import set_aux_loss_scale
-from moe.stats import finish_step, moe_layers
+from cluster.train.precision import DynamicLossScaler, autocast
+from moe.layer import moe_layers, set_aux_loss_scale
+from moe.stats import finish_step
 from parallel import Parallelized
 from parallel.expert_parallel import reduce_expert_grads
 from parallel.grads import clip_grad_norm

@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import archs
-from cluster import malloc
+from cluster.train import malloc
 
 VOCAB = 256
 MIB = 2**20

@@ -19,12 +19,12 @@ import torch
 import archs
 import parallel
 from cluster import checkpoint
-from cluster.amp import DynamicLossScaler
-from cluster.config import JobConfig
-from cluster.metrics import build_metrics, measure_peak_flops
-from cluster.optim import build_optimizer, build_scheduler
-from cluster.step import evaluate_task, train_step
-from cluster.tasks import build_task
+from cluster.config.job import JobConfig
+from cluster.tasks.registry import build_task
+from cluster.train.metrics import build_metrics, measure_peak_flops
+from cluster.train.optim import build_optimizer, build_scheduler
+from cluster.train.precision import DynamicLossScaler
+from cluster.train.step import evaluate_task, train_step
 from parallel.mesh import build_groups
 
 
@@ -172,7 +172,7 @@ def _node_of_each_rank(world: int) -> list[str]:
 def _exchange_timers(model, device) -> list:
     """Time the expert-parallel exchange of each MoE layer (CPU only: on CUDA the timer would
     synchronise the stream). Layers without EP get a timer that stays at zero."""
-    from moe.stats import moe_layers
+    from moe.layer import moe_layers
     from parallel.expert_parallel import ExchangeTimer
 
     timers = []

@@ -7,7 +7,7 @@ soft term's gradient scale independent of T). The teacher is the latest complete
 run, loaded on each worker once, in evaluation mode, without gradients; the student is any
 family (a Performer or Mamba student is the edge-device case). Validation reports the data loss
 alone, so student, teacher and a student trained without the teacher compare directly.
-The training loop is unchanged: this is a `Task` (cluster/tasks.py), selected by
+The training loop is unchanged: this is a `Task` (cluster/tasks/lm.py), selected by
 `train.task: distill` with `train.teacher: RUN_DIR`.
 """
 from __future__ import annotations
@@ -21,13 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cluster import checkpoint
-from cluster.tasks import LanguageModeling
+from cluster.tasks.lm import LanguageModeling
 
 
 def load_teacher(run_dir: str | Path) -> tuple[nn.Module, Any, Path]:
     """(model in eval mode with frozen weights, its config, checkpoint path) of a run's latest checkpoint."""
     import archs
-    from cluster.config import model_from_dict
+    from cluster.config.job import model_from_dict
 
     run_dir = Path(run_dir)
     ckpt = checkpoint.latest_complete(run_dir)

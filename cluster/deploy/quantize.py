@@ -115,7 +115,7 @@ def save_quantized(model: nn.Module, path: str | Path, model_cfg: Any) -> Path:
     """One safetensors file: packed weights, fp16 scales, the model config and the quantization."""
     from safetensors.torch import save_file
 
-    from cluster.configio import to_dict
+    from cluster.config.typed import to_dict
 
     tensors, entries = quantized_state(model)
     meta = {"format": FORMAT, "model": json.dumps(to_dict(model_cfg)), "entries": json.dumps(entries),
@@ -130,7 +130,7 @@ def load_quantized(path: str | Path) -> nn.Module:
     from safetensors import safe_open
 
     import archs
-    from cluster.config import model_from_dict
+    from cluster.config.job import model_from_dict
     from moe.export import to_inference
 
     _, Intx = _torchao()

@@ -24,12 +24,14 @@ from pathlib import Path
 import torch
 
 import archs
-from cluster.amp import DynamicLossScaler
-from cluster.config import load_config
-from cluster.forecasting import Forecasting, prepare_forecast
-from cluster.image_text import ImageText, prepare_image_text
-from cluster.optim import build_optimizer, build_scheduler
-from cluster.step import evaluate_task, train_step
+from cluster.train.precision import DynamicLossScaler
+from cluster.config.job import load_config
+from cluster.tasks.forecast import Forecasting
+from cluster.data.forecast import prepare_forecast
+from cluster.tasks.image_text import ImageText
+from cluster.data.image_text import prepare_image_text
+from cluster.train.optim import build_optimizer, build_scheduler
+from cluster.train.step import evaluate_task, train_step
 
 CPU = torch.device("cpu")
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.data import SPLITS, Shard, _publish, check_out_dir
+from cluster.data.tokens import SPLITS, Shard, _publish, check_out_dir
 
 
 @dataclass

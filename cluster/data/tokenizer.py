@@ -63,7 +63,8 @@ class BPETokenizer:
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Train offline on `texts`; the result may have fewer than `vocab_size` tokens when the
         text has too few distinct pairs to merge."""
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
 
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         if vocab_size < len(alphabet) + 1:
@@ -99,7 +100,9 @@ class BPETokenizer:
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a dataset directory was written with (named in its meta.json)."""
-    from cluster.data import read_meta  # cluster.data does not import this module: no cycle
+    from cluster.data.tokens import (
+        read_meta,  # cluster.data does not import this module: no cycle
+    )
 
     meta = read_meta(data_dir, check_shards=False)
     if meta.tokenizer == "byte":

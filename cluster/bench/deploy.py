@@ -23,19 +23,19 @@ from pathlib import Path
 
 import torch
 
-from cluster import malloc
+from cluster.train import malloc
 
 
 def train_local(job, run_dir: str | Path, log_every: int = 25) -> Path:
     """Train `job` in this process, one rank, and save a checkpoint run directory as Ray would
     (config.yaml, tokenizer/, checkpoint_N/). For benchmarks and tests; returns the run dir."""
     from cluster import checkpoint
-    from cluster.amp import DynamicLossScaler
-    from cluster.config import dump_config
-    from cluster.optim import build_optimizer, build_scheduler
-    from cluster.step import train_step
-    from cluster.tasks import build_task
-    from cluster.trainer import _copy_tokenizer, prepare_data, resolve
+    from cluster.train.precision import DynamicLossScaler
+    from cluster.config.job import dump_config
+    from cluster.train.optim import build_optimizer, build_scheduler
+    from cluster.train.step import train_step
+    from cluster.tasks.registry import build_task
+    from cluster.train.driver import _copy_tokenizer, prepare_data, resolve
 
     import archs
 
@@ -70,8 +70,9 @@ def train_local(job, run_dir: str | Path, log_every: int = 25) -> Path:
 
 
 def bench_model(run_dir: Path, out_dir: Path, eval_sequences: int, seq_lens: list[int], gen_tokens: int) -> dict:
-    from cluster import deploy, quantize as q
-    from jobs.generate import load_run
+    from cluster.deploy import serving as deploy
+    from cluster.deploy import quantize as q
+    from cluster.deploy.load import load_run
 
     model, _, ckpt = load_run(run_dir)
     name = model.cfg.arch
@@ -126,7 +127,7 @@ def main(argv=None, from_cli: bool = False) -> int:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from cluster.config import load_config
+    from cluster.config.job import load_config
 
     work = Path(args.work_dir)
     runs = {}

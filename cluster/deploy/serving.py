@@ -174,7 +174,7 @@ def validation_batches(run_dir: str | Path, sequences: int, micro_batch: int = 8
     """The first `sequences` validation rows of the dataset the run trained on (its config.yaml)."""
     import yaml
 
-    from cluster.data import TokenDataset, eval_batches
+    from cluster.data.tokens import TokenDataset, eval_batches
 
     cfg_file = Path(run_dir) / "config.yaml"
     if not cfg_file.is_file():
@@ -247,8 +247,9 @@ def block_device_map(model: nn.Module, max_memory_bytes: int) -> dict[str, str]:
 def load_offloaded(ckpt: str | Path, model_cfg: Any, max_memory_bytes: int, offload_dir: str | Path) -> nn.Module:
     """The checkpoint's model with at most `max_memory_bytes` of weights resident; the rest of the
     blocks are memory-mapped from `offload_dir` and loaded for their forward only."""
-    import archs
     from accelerate import dispatch_model, init_empty_weights, load_checkpoint_in_model
+
+    import archs
 
     checkpoint.check_model(checkpoint.read_meta(ckpt), model_cfg, ckpt)
     with init_empty_weights(include_buffers=False):

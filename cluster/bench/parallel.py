@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster import malloc
-from cluster.tasks import LanguageModeling
+from cluster.train import malloc
+from cluster.tasks.lm import LanguageModeling
 
 MODELS = {"small": "default", "moe_small": "moe_small"}  # name -> job config holding the `small` preset
 LAYOUTS = [  # (name, parallel settings); ep only for MoE models
@@ -54,7 +54,7 @@ def expected_bubble(layout: dict, microbatches: int) -> float | None:
 def _model_cfg(name: str):
     import dataclasses
 
-    from cluster.config import load_config
+    from cluster.config.job import load_config
     return dataclasses.replace(load_config(MODELS[name]).model, vocab_size=257)
 
 
@@ -90,9 +90,9 @@ def _reset_peak() -> None:
 
 def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[list[float], list[float]]:
     """Per step: the global loss and the step's wall time."""
-    from cluster.amp import DynamicLossScaler
-    from cluster.optim import build_optimizer
-    from cluster.step import train_step
+    from cluster.train.precision import DynamicLossScaler
+    from cluster.train.optim import build_optimizer
+    from cluster.train.step import train_step
 
     model = getattr(par_or_model, "model", par_or_model)
     opt = build_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
@@ -118,7 +118,7 @@ def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str)
 
     import archs
     import parallel
-    from cluster.config import num_experts
+    from cluster.config.job import num_experts
     from parallel.mesh import ParallelDims, build_groups
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -1,7 +1,7 @@
 """Typed loading of nested config dataclasses from plain dicts (YAML), with field-named errors.
 
-Every config section is a dataclass whose fields carry a type annotation and, in
-`field(metadata={"help": ...})`, a one-line description. `from_dict` walks the annotations, so an
+Every config section is a dataclass whose fields are annotated `Annotated[type, "one-line help"]`
+(plain `typing`, so `archs/` and `moe/` declare their configs without importing this package). `from_dict` walks the annotations, so an
 unknown key, a wrong type or a value outside a `Literal` fails with the dotted path of the field,
 what was given and what would be valid. Cross-field checks live in each dataclass's
 `__post_init__` and raise `ConfigError` the same way.
@@ -21,11 +21,16 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, mistyped or inconsistent; the message names the field."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field with a one-line help text (shown by `--help-config`)."""
-    if default is not dataclasses.MISSING:
-        kwargs["default"] = default
-    return dataclasses.field(metadata={"help": text}, **kwargs)
+def field_types(cls: type) -> dict[str, tuple[Any, str]]:
+    """{field name: (its type without `Annotated`, its help text)} of config dataclass `cls`."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        text = ""
+        if typing.get_origin(tp) is typing.Annotated:
+            tp, *extras = typing.get_args(tp)
+            text = next((e for e in extras if isinstance(e, str)), "")
+        out[name] = (tp, text)
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -126,7 +131,7 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {data!r}")
     check_keys(cls, data, path)
-    hints = typing.get_type_hints(cls)
+    hints = {name: tp for name, (tp, _) in field_types(cls).items()}
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -185,14 +190,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def describe(cls: type, prefix: str = "") -> list[str]:
     """One line per field: `section.key: type = default  # help` (for --help-config)."""
     lines = []
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
-        tp = hints[f.name]
+        tp, text = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines += describe(tp, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
-        lines.append(f"{name}: {_type_name(tp)} = {default!r}  # {f.metadata.get('help', '')}")
+        lines.append(f"{name}: {_type_name(tp)} = {default!r}  # {text}")
     return lines

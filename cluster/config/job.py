@@ -9,42 +9,47 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 import archs
-from cluster.configio import ConfigError, apply_overrides, check_keys, doc, from_dict, to_dict
+from cluster.config.typed import (
+    ConfigError,
+    apply_overrides,
+    check_keys,
+    from_dict,
+    to_dict,
+)
 from parallel.mesh import ParallelDims
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
 
 @dataclass
 class TrainConfig:
-    task: Literal["lm", "distill", "forecast", "image_text"] = doc(
-        "training task (cluster/tasks.py): lm; distill (soft targets of train.teacher, cluster/distill.py); "
-        "forecast (windows over a series, cluster/forecasting.py); image_text (cluster/image_text.py)", "lm")
-    teacher: str | None = doc("distill: the teacher's run directory (its latest complete checkpoint is used)", None)
-    distill_alpha: float = doc("distill: weight of the KL to the teacher; 1 - alpha weights the data loss", 0.5)
-    distill_temperature: float = doc("distill: softmax temperature of teacher and student (KL scaled by its square)", 1.0)
-    steps: int = doc("optimizer steps in the whole run (the LR schedule spans them)", 200)
-    stop_at_step: int | None = doc("end this launch after this step (a later launch of the same run resumes)", None)
-    global_batch_size: int = doc("sequences per optimizer step over all workers", 16)
-    micro_batch_size: int = doc("sequences per forward/backward on one worker; the rest is gradient accumulation", 8)
-    lr: float = doc("peak learning rate", 1e-3)
-    min_lr_ratio: float = doc("final learning rate as a fraction of lr (cosine decay)", 0.1)
-    warmup_steps: int = doc("linear warmup steps", 20)
-    weight_decay: float = doc("AdamW weight decay (not applied to norms and embeddings)", 0.1)
-    betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.95))
-    grad_clip: float | None = doc("clip the global gradient norm to this; null = off", 1.0)
-    precision: Literal["fp32", "bf16", "fp16"] = doc("autocast dtype; fp16 uses dynamic loss scaling and needs GPUs", "fp32")
-    activation_checkpointing: bool = doc("recompute each block's activations in backward", False)
-    eval_interval: int = doc("validate every this many steps (and at the start and end); 0 = only at the end", 50)
-    eval_sequences: int = doc("validation sequences per evaluation", 64)
-    log_interval: int = doc("progress line and metrics every this many steps", 10)
-    checkpoint_interval: int = doc("checkpoint every this many steps (and at the end)", 100)
-    seed: int = doc("seed of the model init and the data order", 0)
+    task: Annotated[Literal["lm", "distill", "forecast", "image_text"], "training task (cluster/tasks/): lm; distill (soft targets of train.teacher, cluster/tasks/distill.py); "
+        "forecast (windows over a series, cluster/tasks/forecast.py); image_text (cluster/tasks/image_text.py)"] = "lm"
+    teacher: Annotated[str | None, "distill: the teacher's run directory (its latest complete checkpoint is used)"] = None
+    distill_alpha: Annotated[float, "distill: weight of the KL to the teacher; 1 - alpha weights the data loss"] = 0.5
+    distill_temperature: Annotated[float, "distill: softmax temperature of teacher and student (KL scaled by its square)"] = 1.0
+    steps: Annotated[int, "optimizer steps in the whole run (the LR schedule spans them)"] = 200
+    stop_at_step: Annotated[int | None, "end this launch after this step (a later launch of the same run resumes)"] = None
+    global_batch_size: Annotated[int, "sequences per optimizer step over all workers"] = 16
+    micro_batch_size: Annotated[int, "sequences per forward/backward on one worker; the rest is gradient accumulation"] = 8
+    lr: Annotated[float, "peak learning rate"] = 1e-3
+    min_lr_ratio: Annotated[float, "final learning rate as a fraction of lr (cosine decay)"] = 0.1
+    warmup_steps: Annotated[int, "linear warmup steps"] = 20
+    weight_decay: Annotated[float, "AdamW weight decay (not applied to norms and embeddings)"] = 0.1
+    betas: Annotated[tuple[float, float], "AdamW betas"] = (0.9, 0.95)
+    grad_clip: Annotated[float | None, "clip the global gradient norm to this; null = off"] = 1.0
+    precision: Annotated[Literal["fp32", "bf16", "fp16"], "autocast dtype; fp16 uses dynamic loss scaling and needs GPUs"] = "fp32"
+    activation_checkpointing: Annotated[bool, "recompute each block's activations in backward"] = False
+    eval_interval: Annotated[int, "validate every this many steps (and at the start and end); 0 = only at the end"] = 50
+    eval_sequences: Annotated[int, "validation sequences per evaluation"] = 64
+    log_interval: Annotated[int, "progress line and metrics every this many steps"] = 10
+    checkpoint_interval: Annotated[int, "checkpoint every this many steps (and at the end)"] = 100
+    seed: Annotated[int, "seed of the model init and the data order"] = 0
 
     def __post_init__(self):
         for name in ("steps", "global_batch_size", "micro_batch_size", "eval_sequences", "log_interval", "checkpoint_interval"):
@@ -76,12 +81,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str = doc("dataset directory written by `python -m jobs.prepare_data`", "data/pydoc-byte")
-    builtin: Literal["pydoc", "co2", "sunspots", "digits"] | None = doc(
-        "if path does not exist, prepare this bundled dataset there first (pydoc text for lm; co2 or sunspots "
-        "for forecast; digits for image_text); null = path must exist", "pydoc")
-    tokenizer: Literal["byte", "bpe"] = doc("tokenizer used when the built-in corpus is prepared", "byte")
-    seq_len: int = doc("sequence length used when the built-in corpus is prepared", 256)
+    path: Annotated[str, "dataset directory written by `python -m jobs.prepare_data`"] = "data/pydoc-byte"
+    builtin: Annotated[Literal["pydoc", "co2", "sunspots", "digits"] | None, "if path does not exist, prepare this bundled dataset there first (pydoc text for lm; co2 or sunspots "
+        "for forecast; digits for image_text); null = path must exist"] = "pydoc"
+    tokenizer: Annotated[Literal["byte", "bpe"], "tokenizer used when the built-in corpus is prepared"] = "byte"
+    seq_len: Annotated[int, "sequence length used when the built-in corpus is prepared"] = 256
 
     def __post_init__(self):
         if not self.path:
@@ -92,17 +96,15 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = doc("tensor-parallel degree: attention heads and MLP hidden units split over this many workers", 1)
-    pp: int = doc("pipeline-parallel degree: the layers cut into this many stages, one per worker", 1)
-    dp: int | None = doc("data-parallel degree; null = what tp and pp leave (workers / (tp x pp))", None)
-    ep: int | Literal["auto"] = doc(
-        "expert-parallel degree, inside dp (divides dp and the number of experts); auto = the largest that does", 1)
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = doc(
-        "pipeline schedule (pp > 1); interleaved_1f1b puts 2 stages on each worker", "1f1b")
-    microbatches: int | None = doc("pipeline micro-batches per step and worker (pp > 1); null = the step's "
-                                   "train.micro_batch_size micro-batches", None)
-    pp_split: list[int] | None = doc("first layer of every pipeline stage after the first, e.g. [3]; "
-                                     "null = an even cut by layer count", None)
+    tp: Annotated[int, "tensor-parallel degree: attention heads and MLP hidden units split over this many workers"] = 1
+    pp: Annotated[int, "pipeline-parallel degree: the layers cut into this many stages, one per worker"] = 1
+    dp: Annotated[int | None, "data-parallel degree; null = what tp and pp leave (workers / (tp x pp))"] = None
+    ep: Annotated[int | Literal["auto"], "expert-parallel degree, inside dp (divides dp and the number of experts); auto = the largest that does"] = 1
+    schedule: Annotated[Literal["gpipe", "1f1b", "interleaved_1f1b"], "pipeline schedule (pp > 1); interleaved_1f1b puts 2 stages on each worker"] = "1f1b"
+    microbatches: Annotated[int | None, "pipeline micro-batches per step and worker (pp > 1); null = the step's "
+                                   "train.micro_batch_size micro-batches"] = None
+    pp_split: Annotated[list[int] | None, "first layer of every pipeline stage after the first, e.g. [3]; "
+                                     "null = an even cut by layer count"] = None
 
     def __post_init__(self):
         for name in ("tp", "pp"):
@@ -125,23 +127,22 @@ class ParallelConfig:
 
 @dataclass
 class ClusterConfig:
-    address: str | None = doc("Ray address; null = RAY_ADDRESS / the job's cluster, else an embedded local Ray", None)
-    num_workers: int = doc("Ray Train workers (one per GPU, or per CPU slot); the maximum of an elastic range", 2)
-    min_workers: int | None = doc("elastic training: run on any worker count in [min_workers, num_workers]; null = fixed", None)
-    use_gpu: bool = doc("one GPU per worker, NCCL; false = CPU workers, gloo", False)
-    cpus_per_worker: float = doc("CPUs reserved per worker", 1.0)
-    storage_path: str = doc("where runs live (shared storage on a multi-node cluster)", "runs")
-    run_name: str | None = doc("run name; an existing run of this name resumes; null = a new timestamped name", None)
-    keep_checkpoints: int = doc("checkpoints kept per run (older ones are deleted after a newer one is complete)", 2)
-    max_failures: int = doc("worker-group restarts from the last checkpoint before the run fails", 0)
-    autoscaling_config: str | None = doc(
-        "the autoscaler config the cluster runs (the cluster launcher leaves it at ~/ray_bootstrap_config.yaml on the "
+    address: Annotated[str | None, "Ray address; null = RAY_ADDRESS / the job's cluster, else an embedded local Ray"] = None
+    num_workers: Annotated[int, "Ray Train workers (one per GPU, or per CPU slot); the maximum of an elastic range"] = 2
+    min_workers: Annotated[int | None, "elastic training: run on any worker count in [min_workers, num_workers]; null = fixed"] = None
+    use_gpu: Annotated[bool, "one GPU per worker, NCCL; false = CPU workers, gloo"] = False
+    cpus_per_worker: Annotated[float, "CPUs reserved per worker"] = 1.0
+    storage_path: Annotated[str, "where runs live (shared storage on a multi-node cluster)"] = "runs"
+    run_name: Annotated[str | None, "run name; an existing run of this name resumes; null = a new timestamped name"] = None
+    keep_checkpoints: Annotated[int, "checkpoints kept per run (older ones are deleted after a newer one is complete)"] = 2
+    max_failures: Annotated[int, "worker-group restarts from the last checkpoint before the run fails"] = 0
+    autoscaling_config: Annotated[str | None, "the autoscaler config the cluster runs (the cluster launcher leaves it at ~/ray_bootstrap_config.yaml on the "
         "head, where `ray job submit` drivers run); its node types let a job no node can hold fail at once instead of "
         "waiting for nodes that never come; null or a missing file = check against the nodes alive now, and only "
-        "if the cluster has no autoscaler", "~/ray_bootstrap_config.yaml")
-    resize_interval_s: float = doc("elastic training: how often Ray Train checks whether more workers now fit "
-                                   "(a grow restarts the group from the last checkpoint)", 60.0)
-    num_threads: int | None = doc("torch intra-op threads per worker; null = cpus_per_worker", None)
+        "if the cluster has no autoscaler"] = "~/ray_bootstrap_config.yaml"
+    resize_interval_s: Annotated[float, "elastic training: how often Ray Train checks whether more workers now fit "
+                                   "(a grow restarts the group from the last checkpoint)"] = 60.0
+    num_threads: Annotated[int | None, "torch intra-op threads per worker; null = cpus_per_worker"] = None
 
     def __post_init__(self):
         if self.num_workers < 1:
@@ -158,14 +159,14 @@ class ClusterConfig:
 
 @dataclass
 class MetricsConfig:
-    jsonl: bool = doc("append per-step metrics to RUN_DIR/metrics.jsonl (rank 0)", True)
-    prometheus: bool = doc("serve raymoe_* series on /metrics from rank 0 (prometheus-client)", True)
-    host: str = doc("exporter bind address; keep 127.0.0.1 unless a remote Prometheus must scrape it", "127.0.0.1")
-    port: int = doc("exporter port; 0 = a free one (printed, and written to the file_sd target file)", 0)
-    file_sd_dir: str | None = doc("where the Prometheus file_sd target file goes; null = STORAGE/prometheus_targets", None)
-    expert_series_limit: int = doc("export per-expert token series while layers x experts <= this (cardinality bound)", 256)
-    linger_s: float = doc("at the end, keep serving up to this long until the final values were scraped", 0.0)
-    peak_flops: float | None = doc("peak FLOP/s of one worker for MFU; null = measured once at start (matmul)", None)
+    jsonl: Annotated[bool, "append per-step metrics to RUN_DIR/metrics.jsonl (rank 0)"] = True
+    prometheus: Annotated[bool, "serve raymoe_* series on /metrics from rank 0 (prometheus-client)"] = True
+    host: Annotated[str, "exporter bind address; keep 127.0.0.1 unless a remote Prometheus must scrape it"] = "127.0.0.1"
+    port: Annotated[int, "exporter port; 0 = a free one (printed, and written to the file_sd target file)"] = 0
+    file_sd_dir: Annotated[str | None, "where the Prometheus file_sd target file goes; null = STORAGE/prometheus_targets"] = None
+    expert_series_limit: Annotated[int, "export per-expert token series while layers x experts <= this (cardinality bound)"] = 256
+    linger_s: Annotated[float, "at the end, keep serving up to this long until the final values were scraped"] = 0.0
+    peak_flops: Annotated[float | None, "peak FLOP/s of one worker for MFU; null = measured once at start (matmul)"] = None
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -182,8 +183,7 @@ BUILTIN_DATA = {"lm": ("pydoc",), "distill": ("pydoc",), "forecast": ("co2", "su
 
 @dataclass
 class JobConfig:
-    model: Any = doc("model family config: `arch`, optional `preset`, then the family's fields",
-                     default_factory=lambda: archs.family("transformer").config_cls())
+    model: Annotated[Any, "model family config: `arch`, optional `preset`, then the family's fields"] = field(default_factory=lambda: archs.family("transformer").config_cls())
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
