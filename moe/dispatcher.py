@@ -1,12 +1,13 @@
 """Dispatch: capacity dropping, permutation into expert-contiguous rows, and the weighted combine.
 
 `LocalDispatcher` does no communication. Expert parallelism replaces it (from `parallel/`)
-with an all-to-all dispatcher that has the same two methods.
+with an all-to-all dispatcher, and tensor parallelism wraps either in a token splitter: all three
+implement the `Dispatcher` protocol below, and nothing else is asked of them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -21,6 +22,23 @@ class Dispatched:
     weight_M: torch.Tensor  # fp32 [M] combine weight of each row
     dropped: torch.Tensor  # int64 scalar: copies dropped by capacity
     ctx: Any = None  # what a communicating dispatcher needs to reverse its exchange in combine
+
+
+class Dispatcher(Protocol):
+    """How an MoE layer's token copies reach its experts and come back.
+
+    dispatch: capacity dropping (`capacity` None = dropless) and the permutation of the kept copies
+    into expert-contiguous rows for this rank's experts (exchanging them with other ranks where the
+    experts live elsewhere). combine: the reverse, summing each token's weighted expert outputs
+    into [num_tokens, C]. exchange_seconds: wall time spent communicating since the last call
+    (0.0 for a dispatcher that does not communicate or does not time itself).
+    """
+
+    def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched: ...
+
+    def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor: ...
+
+    def exchange_seconds(self) -> float: ...
 
 
 def keep_order(routing: Routing, capacity: int | None, drop_policy: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +59,10 @@ def keep_order(routing: Routing, capacity: int | None, drop_policy: str) -> tupl
 
 
 class LocalDispatcher:
-    """All experts on this rank."""
+    """All experts on this rank (a `Dispatcher` without communication)."""
+
+    def exchange_seconds(self) -> float:
+        return 0.0
 
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
         order, group_sizes_E = keep_order(routing, capacity, drop_policy)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moe.config import MoEConfig
 from moe.experts import SwiGLU
-from moe.router import group_limit
+from moe.router import gate_logits, scores, select_topk
 
 
 class ExpertMLP(nn.Module):
@@ -42,19 +42,10 @@ class ExpertMLP(nn.Module):
 
 def route_topk(gate: nn.Linear, expert_bias: torch.Tensor | None, cfg: MoEConfig,
                x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing of `TopKRouter` in evaluation: (expert ids [N, K], combine weights [N, K] fp32)."""
-    logits_NE = F.linear(x_NC.float(), gate.weight.float())
-    scores_NE = logits_NE.softmax(-1) if cfg.score_func == "softmax" else logits_NE.sigmoid()
-    select_NE = scores_NE
-    if cfg.bias_update_rate > 0 and expert_bias is not None:
-        select_NE = select_NE + expert_bias
-    if cfg.num_groups is not None:
-        select_NE = group_limit(select_NE, cfg.num_groups, cfg.group_topk)
-    topk_NK = select_NE.topk(cfg.top_k, dim=-1).indices
-    weight_NK = scores_NE.gather(1, topk_NK)
-    if cfg.renormalize and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
-        weight_NK = weight_NK / weight_NK.sum(-1, keepdim=True).clamp_min(1e-20)
-    return topk_NK, weight_NK
+    """Top-k routing of `TopKRouter` in evaluation: (expert ids [N, K], combine weights [N, K] fp32),
+    through the router's own code (moe/router.py), so the two cannot drift apart."""
+    scores_NE, _ = scores(gate_logits(gate, x_NC), cfg)
+    return select_topk(scores_NE, expert_bias if cfg.bias_update_rate > 0 else None, cfg)
 
 
 class InferenceMoE(nn.Module):

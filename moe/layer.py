@@ -22,7 +22,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.backend)
         self.shared = SwiGLU(d_model, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.dispatcher = LocalDispatcher()  # parallel/ swaps in the all-to-all one
-        self.aux_loss_scale = 1.0  # set by the training step before each micro-batch
+        self.aux_loss_scale = 1.0  # the micro-batch's loss weight (moe.step.MoEStep.set_loss_weight)
         self.stats = StepStats(cfg.num_experts)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -56,11 +56,6 @@ class MoELayer(nn.Module):
         rate = self.cfg.bias_update_rate
         if rate > 0 and counts_E.sum() > 0:
             self.router.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
-
-
-def set_aux_loss_scale(layers: list[MoELayer], scale: float) -> None:
-    for layer in layers:
-        layer.aux_loss_scale = scale
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

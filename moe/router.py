@@ -35,11 +35,43 @@ def capacity(num_tokens: int, cfg: MoEConfig) -> int:
     return min(max(c, cfg.min_capacity), num_tokens * cfg.top_k)
 
 
-def _gate_logits(gate: nn.Linear, x_NC: torch.Tensor) -> torch.Tensor:
+def gate_logits(gate: nn.Linear, x_NC: torch.Tensor) -> torch.Tensor:
     """Logits in fp32 at least (float64 stays float64, for gradcheck)."""
     dtype = torch.promote_types(x_NC.dtype, torch.float32)
     with torch.autocast(device_type=x_NC.device.type, enabled=False):
         return F.linear(x_NC.to(dtype), gate.weight.to(dtype))
+
+
+def scores(logits_NE: torch.Tensor, cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores that weight the experts' outputs, probabilities that sum to 1 per token) from the
+    gate logits: softmax gives both at once; sigmoid scores are normalised for the balancing loss."""
+    if cfg.score_func == "softmax":
+        scores_NE = logits_NE.softmax(-1)
+        return scores_NE, scores_NE
+    scores_NE = logits_NE.sigmoid()
+    return scores_NE, scores_NE / scores_NE.sum(-1, keepdim=True).clamp_min(1e-20)
+
+
+def select_topk(scores_NE: torch.Tensor, expert_bias_E: torch.Tensor | None,
+                cfg: MoEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-choice selection: (expert ids [N, K], combine weights [N, K]) of every token.
+
+    The balancing bias (and the group limit) only choose the experts; the weights are the raw
+    scores of the chosen ones, renormalised if configured. Training, evaluation and the
+    inference form (moe/export.py) all select through this one function.
+    """
+    select_NE = scores_NE.detach()
+    if expert_bias_E is not None:
+        select_NE = select_NE + expert_bias_E
+    if cfg.num_groups is not None:
+        select_NE = group_limit(select_NE, cfg.num_groups, cfg.group_topk)
+    topk_NK = select_NE.topk(cfg.top_k, dim=-1).indices
+    weight_NK = scores_NE.gather(1, topk_NK)
+    # NOTE: top-1 softmax keeps its raw probability (Switch): renormalised it would always be 1
+    # and the router would get no gradient from the task loss.
+    if cfg.renormalize and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
+        weight_NK = weight_NK / weight_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return topk_NK, weight_NK
 
 
 class TopKRouter(nn.Module):
@@ -56,24 +88,9 @@ class TopKRouter(nn.Module):
         cfg, N = self.cfg, x_NC.shape[0]
         if self.training and cfg.jitter > 0:
             x_NC = x_NC * torch.empty_like(x_NC).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
-        logits_NE = _gate_logits(self.gate, x_NC)
-        if cfg.score_func == "softmax":
-            scores_NE = logits_NE.softmax(-1)
-            probs_NE = scores_NE
-        else:
-            scores_NE = logits_NE.sigmoid()
-            probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True).clamp_min(1e-20)
-        select_NE = scores_NE.detach()
-        if cfg.bias_update_rate > 0:
-            select_NE = select_NE + self.expert_bias
-        if cfg.num_groups is not None:
-            select_NE = group_limit(select_NE, cfg.num_groups, cfg.group_topk)
-        topk_NK = select_NE.topk(cfg.top_k, dim=-1).indices
-        weight_NK = scores_NE.gather(1, topk_NK)
-        # NOTE: top-1 softmax keeps its raw probability (Switch): renormalised it would always be 1
-        # and the router would get no gradient from the task loss.
-        if cfg.renormalize and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
-            weight_NK = weight_NK / weight_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+        logits_NE = gate_logits(self.gate, x_NC)
+        scores_NE, probs_NE = scores(logits_NE, cfg)
+        topk_NK, weight_NK = select_topk(scores_NE, self.expert_bias if cfg.bias_update_rate > 0 else None, cfg)
         expert_A = topk_NK.reshape(-1)
         return Routing(
             token_A=torch.arange(N, device=x_NC.device).repeat_interleave(cfg.top_k),
@@ -107,7 +124,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x_NC: torch.Tensor) -> Routing:
         cfg, N = self.cfg, x_NC.shape[0]
-        logits_NE = _gate_logits(self.gate, x_NC)
+        logits_NE = gate_logits(self.gate, x_NC)
         probs_NE = logits_NE.softmax(-1)
         C = min(capacity(N, cfg), N)
         top = probs_NE.t().topk(C, dim=-1)  # [E, C]

@@ -94,9 +94,16 @@ class AllToAllDispatcher:
     by local expert. combine: the reverse path, then the weighted rows are summed per token.
     """
 
-    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int):
+    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int,
+                 timer: ExchangeTimer | None = None):
         self.group, self.ep, self.local = group, ep_size, num_local_experts
-        self.timer: ExchangeTimer | None = None  # set by benchmarks
+        self.timer = timer  # None: not timed (on CUDA timing would synchronise the stream)
+
+    def exchange_seconds(self) -> float:
+        if self.timer is None:
+            return 0.0
+        seconds, self.timer.seconds = self.timer.seconds, 0.0
+        return seconds
 
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
         order, sizes_E = keep_order(routing, capacity, drop_policy)
@@ -120,13 +127,14 @@ class AllToAllDispatcher:
         return out.index_add(0, d.token_M, y_back)
 
 
-def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, groups: ProcessGroups, time_exchange: bool = False) -> nn.Module:
     """Keep this rank's slice of every MoE layer's experts and install the all-to-all dispatcher.
 
     Also tags every expert parameter with how its gradient is reduced (see reduce_expert_grads);
     with ep == 1 only the tags are set (experts are then reduced like everything else, by DDP
     in a data-parallel-only run). Under tensor parallelism the experts are whole on every TP rank,
-    so their group (`groups.edp`) spans edp x tp ranks.
+    so their group (`groups.edp`) spans edp x tp ranks. `time_exchange`: the dispatchers time their
+    exchanges (reported per step as `a2a_s`; CPU only, see ExchangeTimer).
     """
     dims = groups.dims
     ep_rank = dims.ep_rank(groups.rank)
@@ -138,7 +146,7 @@ def apply_expert_parallel(model: nn.Module, groups: ProcessGroups) -> nn.Module:
             experts.w13 = nn.Parameter(experts.w13.detach()[keep].clone())
             experts.w2 = nn.Parameter(experts.w2.detach()[keep].clone())
             experts.num_experts, experts.expert_offset = n, ep_rank * n
-            layer.dispatcher = AllToAllDispatcher(groups.ep, dims.ep, n)
+            layer.dispatcher = AllToAllDispatcher(groups.ep, dims.ep, n, ExchangeTimer() if time_exchange else None)
         for p in (experts.w13, experts.w2):
             # Reduced here rather than by DDP when sharded (EP) or when there is no DDP (TP, PP).
             p.expert_parallel = dims.ep > 1 or dims.tp > 1 or dims.pp > 1

@@ -71,13 +71,8 @@ class TensorParallelTokens:
     def __init__(self, inner, group: dist.ProcessGroup, tp: int, tp_rank: int):
         self.inner, self.group, self.tp, self.tp_rank = inner, group, tp, tp_rank
 
-    @property
-    def timer(self):  # the exchange timer of an inner all-to-all dispatcher (jobs.bench, metrics)
-        return getattr(self.inner, "timer", None)
-
-    @timer.setter
-    def timer(self, value):
-        self.inner.timer = value
+    def exchange_seconds(self) -> float:
+        return self.inner.exchange_seconds()
 
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched:
         N = x_NC.shape[0]

@@ -83,11 +83,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(t.seed + 1 + dp_rank)
 
     log = build_metrics(job.metrics, c.run_name, run_dir, Path(loop_config["storage"]), rank)
-    timers = _exchange_timers(model, device)
     peak = job.metrics.peak_flops or (measure_peak_flops(device) if rank == 0 else 0.0)
     stop = t.stop_at_step or t.steps
-    moe = getattr(job.model, "moe", None)
-    moe_layout = (job.model.moe_layer_ids, moe.num_experts) if moe is not None else None
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len
 
     def run_eval() -> dict:
@@ -103,7 +100,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_t, window_steps = time.perf_counter(), 0
     while step < stop:
         result = train_step(par, task, batches.batches_for_step(step * t.global_batch_size),
-                            optimizer, scaler, t.precision, device, t.grad_clip, moe_layout)
+                            optimizer, scaler, t.precision, device, t.grad_clip)
         scheduler.step()
         step += 1
         if pace:
@@ -123,8 +120,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 record["mfu"] = tok_s * flops_per_token / (world * peak)
             if result.moe:
                 record["moe"] = result.moe["layers"]
-                for stats, timer in zip(record["moe"], timers):
-                    stats["a2a_s"], timer.seconds = timer.seconds / window_steps, 0.0
         log.log(record, step)
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
             last_eval = run_eval()
@@ -167,21 +162,6 @@ def _node_of_each_rank(world: int) -> list[str]:
     nodes = [None] * world
     torch.distributed.all_gather_object(nodes, node)
     return nodes
-
-
-def _exchange_timers(model, device) -> list:
-    """Time the expert-parallel exchange of each MoE layer (CPU only: on CUDA the timer would
-    synchronise the stream). Layers without EP get a timer that stays at zero."""
-    from moe.layer import moe_layers
-    from parallel.expert_parallel import ExchangeTimer
-
-    timers = []
-    for layer in moe_layers(model):
-        timer = ExchangeTimer()
-        if device.type == "cpu" and hasattr(layer.dispatcher, "timer"):
-            layer.dispatcher.timer = timer
-        timers.append(timer)
-    return timers
 
 
 def _quiet_ray_train_reports() -> None:

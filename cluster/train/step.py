@@ -1,13 +1,15 @@
 """One optimizer step over micro-batches (gradient accumulation), and evaluation.
 
 Kept apart from the Ray loop so that tests can drive exactly the code that training runs. The
-model is a plain/DDP module, or a `parallel.Parallelized` (tensor/pipeline layouts): then a
-pipeline schedule runs the micro-batches, gradients are reduced by the layout, and only one rank
-per data-parallel replica adds its loss to the reported totals.
+model is a `parallel.Parallelized` (what `parallel.apply` returns), or a plain/DDP module used as
+it is (`parallel.local`). The step talks to the layout through its interface only: the loss
+weight of each micro-batch, `no_sync` for accumulation, one `reduce_grads()`, `step_metrics()`;
+a pipeline schedule runs the micro-batches when there is one, and only one rank per
+data-parallel replica adds its loss to the reported totals. What MoE layers need per step
+(auxiliary-loss weights, statistics, bias updates) is installed by `parallel.apply` as hooks.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +18,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from cluster.train.precision import DynamicLossScaler, autocast
-from moe.layer import moe_layers, set_aux_loss_scale
-from moe.stats import finish_step
+import parallel
 from parallel import Parallelized
-from parallel.expert_parallel import reduce_expert_grads
 from parallel.grads import clip_grad_norm
 
 
@@ -41,72 +41,59 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def train_step(model: nn.Module | Parallelized, task, micro_batches: list[np.ndarray],
                optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler, precision: str, device: torch.device,
-               grad_clip: float | None, moe_layout: tuple[list[int], int] | None = None) -> StepResult:
+               grad_clip: float | None, moe_layout=None) -> StepResult:
     """Forward/backward every micro-batch, then (unless fp16 overflowed) clip and step.
 
     Each micro-batch's summed loss is divided by the targets of this rank's whole step, so the
     accumulated gradient is that of the mean over the step whatever the micro-batch split; DDP
-    then averages equal-sized rank shares into the global-batch mean. MoE auxiliary losses get
-    the same weight as their micro-batch's task loss (see moe.losses.attach_aux_loss).
-    `moe_layout` = (every MoE layer id of the model, experts per layer) fixes the shape of the
-    statistics reduction even on a rank that holds none of them (a pipeline stage).
+    then averages equal-sized rank shares into the global-batch mean. The layout weights MoE
+    auxiliary losses like the task loss of the same micro-batch (`set_loss_weight`) and reduces
+    MoE statistics when the optimizer steps. (`moe_layout` is accepted for old callers and
+    unused: `parallel.apply` records the whole model's MoE layout itself.)
     """
-    par = model if isinstance(model, Parallelized) else None
-    plain = par.model if par else model
-    layers = moe_layers(plain)
+    par = parallel.local(model)
+    par.prepare_optimizer(optimizer)  # idempotent: hooks the MoE step work once per optimizer
     local_targets = sum(task.num_targets(b) for b in micro_batches)
-    if par is not None and par.pipeline is not None:
-        loss_sum = _pipeline_pass(par, task, micro_batches, layers, scaler, precision, device, local_targets)
+    if par.pipeline is not None:
+        loss_sum = _pipeline_pass(par, task, micro_batches, scaler, precision, device, local_targets)
     else:
-        loss_sum = _accumulate(par.forward_model if par else model, task, micro_batches, layers, scaler,
-                               precision, device, local_targets)
-    if par is not None:
-        par.reduce_grads()
-    else:
-        reduce_expert_grads(model)  # no-op without expert parallelism
-    params = [p for p in plain.parameters() if p.grad is not None]
+        loss_sum = _accumulate(par, task, micro_batches, scaler, precision, device, local_targets)
+    par.reduce_grads()
+    params = [p for p in par.model.parameters() if p.grad is not None]
     overflow = scaler.unscale_and_check(params)
     grad_norm = clip_grad_norm(params, grad_clip)
     if not overflow:
         optimizer.step()
     scaler.update(overflow)
     optimizer.zero_grad(set_to_none=True)
-    if par is not None and not par.counts_moe_stats:
-        for layer in layers:  # NOTE: TP ranks saw the same routing; TP rank 0 reports it
-            layer.stats.take(device)
-    ids, num_experts = moe_layout or (None, None)
-    moe_summary = finish_step(layers, device, update_bias=not overflow, layer_ids=ids,
-                              num_experts=num_experts)  # once per step, on every rank
-    counted = par is None or par.counts_loss
+    moe_summary = par.step_metrics()  # once per step, on every rank
     totals = torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)])
-    totals = _all_reduce_sum(totals if counted else torch.zeros_like(totals))
+    totals = _all_reduce_sum(totals if par.counts_loss else torch.zeros_like(totals))
     return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
                       targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
                       moe=moe_summary or None)
 
 
-def _accumulate(model, task, micro_batches, layers, scaler, precision, device, local_targets) -> torch.Tensor:
+def _accumulate(par: Parallelized, task, micro_batches, scaler, precision, device, local_targets) -> torch.Tensor:
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(micro_batches):
-        set_aux_loss_scale(layers, scaler.scale * task.num_targets(batch) / local_targets)
-        last = i == len(micro_batches) - 1
+        par.set_loss_weight(scaler.scale * task.num_targets(batch) / local_targets)
         # NOTE: gradients are all-reduced once, on the last micro-batch only.
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with par.no_sync(last=i == len(micro_batches) - 1):
             with autocast(precision, device):
-                loss, _ = task.loss_sum(model, batch, device)
+                loss, _ = task.loss_sum(par.forward_model, batch, device)
             scaler.scale_loss(loss / local_targets).backward()
         loss_sum += loss.detach()
     return loss_sum
 
 
-def _pipeline_pass(par: Parallelized, task, micro_batches, layers, scaler, precision, device,
+def _pipeline_pass(par: Parallelized, task, micro_batches, scaler, precision, device,
                    local_targets) -> torch.Tensor:
     """The step's sequences as `par.microbatches` equal pipeline micro-batches (default: the step's
     own micro-batches); the loss is computed on the last stage, per micro-batch."""
     inputs, targets = task.inputs_targets(np.concatenate(micro_batches), device)
     n_micro = par.microbatches or len(micro_batches)
-    set_aux_loss_scale(layers, scaler.scale / n_micro)  # equal micro-batches: equal shares
+    par.set_loss_weight(scaler.scale / n_micro)  # equal micro-batches: equal shares
     sums: list[torch.Tensor] = []
 
     def loss_fn(output, target):
@@ -135,8 +122,8 @@ def evaluate_task(model: nn.Module | Parallelized, task, batches: list[np.ndarra
 
 @torch.no_grad()
 def _evaluate(model, task, batches, precision, device) -> tuple[float, dict[str, float]]:
-    par = model if isinstance(model, Parallelized) else None
-    plain = par.model if par else model
+    par = parallel.local(model)
+    plain = par.model
     was_training = plain.training
     plain.eval()
     names = list(getattr(task, "metric_names", ()))
@@ -144,10 +131,10 @@ def _evaluate(model, task, batches, precision, device) -> tuple[float, dict[str,
     # evaluation batches, or without some metric, still joins the same single all-reduce.
     totals = torch.zeros(2 + 2 * len(names), device=device, dtype=torch.float64)
     for batch in batches:
-        forward_model = par.forward_model if par else model
+        forward_model = par.forward_model
         sums: dict = {}
         with autocast(precision, device):
-            if par is not None and par.pipeline is not None:
+            if par.pipeline is not None:
                 loss, n = _pipeline_eval(par, task, batch, device)
             elif names:  # the task's metrics come from the same forward as its loss
                 loss, n, sums = task.eval_sums(forward_model, batch, device)
@@ -158,7 +145,7 @@ def _evaluate(model, task, batches, precision, device) -> tuple[float, dict[str,
             if name in sums:
                 totals[2 + 2 * i] += sums[name][0]
                 totals[3 + 2 * i] += sums[name][1]
-    if par is not None and not par.counts_loss:
+    if not par.counts_loss:
         totals.zero_()
     _all_reduce_sum(totals)
     plain.train(was_training)
