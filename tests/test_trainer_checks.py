@@ -10,7 +10,7 @@ from tests.test_ray_train import debug_job
 def no_ray_started(monkeypatch):
     def connect(address):
         raise AssertionError("the error must come before connecting to Ray")
-    monkeypatch.setattr(cluster.trainer, "connect", connect)
+    monkeypatch.setattr(cluster.train.driver, "connect", connect)
 
 
 def test_missing_data_path(tmp_path):
