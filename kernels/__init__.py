@@ -107,9 +107,36 @@ def choose_backend(name: str, device, dtype: torch.dtype, widths: tuple[int, ...
             raise BackendUnavailable(f"no kernel backend runs on {device.type}/{dtype}: {skipped}")
         raise BackendUnavailable(f"kernel backend {name!r} is unavailable: {skipped[name]}")
     if name == "auto":
-        skipped.update({b: _COMPARISON_ONLY for b in _REGISTRY if b not in order})
+        for b in _REGISTRY:
+            if b not in order:
+                skipped[b] = _REGISTRY[b][1](device, dtype) or _shape_reason(b, dtype, widths) or _COMPARISON_ONLY
     _CHOICES[key] = choice = Choice(name, chosen, device.type, dtype, skipped)
     return choice
+
+
+def check_requested(name: str, device_type: str, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> None:
+    """Raise BackendUnavailable (with the reason and install hint) if an explicitly requested
+    backend cannot run where the workers will: for a config check on the driver, before any
+    worker starts. `auto` always resolves. CPU, or CUDA on a driver that has a GPU itself: the
+    full check. CUDA workers from a driver without one: what the driver can know (the package
+    is installed, the dtype and widths fit); the kernel's trial runs on the worker."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "auto":
+        return
+    if device_type != "cuda" or torch.cuda.is_available():
+        choose_backend(name, device_type, dtype, widths)
+        return
+    reason = _shape_reason(name, dtype, widths)
+    if name == "megablocks":
+        if dtype not in megablocks.SUPPORTED_DTYPES:
+            reason = f"grouped_gemm supports {megablocks.SUPPORTED_DTYPES}, got {dtype} (use precision bf16)"
+        elif not megablocks.installed():
+            reason = "grouped_gemm is not installed; " + megablocks.INSTALL_HINT
+    elif name == "grouped" and not hasattr(torch, "_grouped_mm"):
+        reason = f"torch {torch.__version__} has no torch._grouped_mm"
+    if reason is not None:
+        raise BackendUnavailable(f"kernel backend {name!r} is unavailable on cuda: {reason}")
 
 
 def resolve_backend(name: str, device, dtype: torch.dtype) -> str:
@@ -149,5 +176,5 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, group_sizes: torch.Tensor, back
     return _REGISTRY[name][0](x, w, group_sizes)
 
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Choice", "available_backends", "choose_backend", "grouped_mm",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Choice", "available_backends", "check_requested", "choose_backend",
+           "grouped_mm", "resolve_backend"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import grouped_mm
+from kernels import Choice, choose_backend, grouped_mm
 
 
 class SwiGLU(nn.Module):
@@ -94,13 +94,14 @@ class GroupedExperts(nn.Module):
         experts, F < C) or the output [M, C]; the product is the same.
         """
         dtype = compute_dtype(x_MC, self.w13.dtype)
+        backend = self.choice(x_MC.device, dtype).backend  # one backend for both GEMMs (cached)
         w13, w2 = self.w13.to(dtype), self.w2.to(dtype)  # no-ops outside autocast
-        h_M2F = grouped_mm(x_MC.to(dtype), w13, group_sizes_E, self.backend)
+        h_M2F = grouped_mm(x_MC.to(dtype), w13, group_sizes_E, backend)
         if self.hidden <= x_MC.shape[1]:
-            return grouped_mm(swiglu(h_M2F, weight_M), w2, group_sizes_E, self.backend)
-        y_MC = grouped_mm(swiglu(h_M2F), w2, group_sizes_E, self.backend)
+            return grouped_mm(swiglu(h_M2F, weight_M), w2, group_sizes_E, backend)
+        y_MC = grouped_mm(swiglu(h_M2F), w2, group_sizes_E, backend)
         return y_MC * weight_M[:, None].to(y_MC.dtype)
 
-    def kernel_widths(self) -> tuple[int, int]:
-        """d_in/d_out of the two grouped GEMMs (what `kernels.choose_backend` checks)."""
-        return self.w13.shape[1], 2 * self.hidden
+    def choice(self, device, dtype: torch.dtype) -> Choice:
+        """The kernel backend these experts run with on (device, dtype), and why the others not."""
+        return choose_backend(self.backend, device, dtype, (self.w13.shape[1], 2 * self.hidden, self.hidden))

@@ -195,3 +195,50 @@ def test_fp16_overflow_in_the_experts_is_skipped_by_the_scaler():
     scaler.scale = 2.0 ** 8
     r = train_step(model, ArrayLM(), [batch], opt, scaler, "fp16", CPU, 1.0, layout)
     assert not r.skipped and not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+# --- which backend runs, said once per run; an impossible request fails on the driver ------------
+
+def test_kernel_report_names_the_backend_and_every_skipped_one():
+    from cluster.train.precision import kernel_report
+
+    model = tiny_moe_model("auto")
+    lines, record = kernel_report(model, "bf16", CPU)
+    expected = "grouped" if "grouped" in kernels.available_backends("cpu", torch.bfloat16) else "loop"
+    assert len(lines) == 1 and f"MoE kernel backend {expected} on cpu/bfloat16 (asked: auto)" in lines[0]
+    assert "megablocks: needs a CUDA device" in lines[0] and "GPU install" in lines[0]
+    assert record["moe_backend"] == expected and record["kernel_dtype"] == "bfloat16" and not record["slow_path"]
+    assert set(record["skipped"]) == {"padded", "blocksparse", "megablocks"}
+
+
+def test_auto_landing_on_the_loop_on_cuda_warns():
+    """Asked about CUDA on this GPU-less machine, auto really resolves to the loop (grouped_gemm
+    absent, torch's grouped GEMM trial fails): the report warns and the record says so."""
+    from cluster.train.precision import kernel_report
+
+    lines, record = kernel_report(tiny_moe_model("auto"), "bf16", torch.device("cuda"))
+    assert "MoE kernel backend loop on cuda/bfloat16" in lines[0]
+    assert "megablocks:" in lines[0] and "grouped:" in lines[0]
+    assert lines[-1].startswith("[raymoe] WARNING: MoE backend auto fell back to the per-expert loop on cuda")
+    assert record["slow_path"] and record["moe_backend"] == "loop"
+    assert kernel_report(archs.build(dataclasses.replace(tiny_moe_model("auto").cfg, moe_layers=[])), "bf16",
+                         CPU) == ([], {})
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.moe.backend=megablocks"], "needs a CUDA device.*GPU install"),
+    (["model.moe.backend=megablocks", "cluster.use_gpu=true", "train.precision=fp32"], "supports.*bfloat16"),
+    (["model.moe.backend=megablocks", "cluster.use_gpu=true", "train.precision=bf16"], "not installed.*GPU install"),
+    (["model.moe.backend=grouped", "model.moe.expert_hidden=31", "train.precision=bf16"], "multiples of 8"),
+])
+def test_unavailable_backend_is_a_config_error_on_the_driver(overrides, match):
+    from cluster.config.job import ConfigError, load_config
+    from kernels import megablocks
+
+    if "cluster.use_gpu=true" in overrides and (torch.cuda.is_available() or megablocks.installed()):
+        pytest.skip("this machine has a GPU or grouped_gemm")
+    if "model.moe.backend=grouped" in overrides and "grouped" not in kernels.available_backends("cpu", torch.bfloat16):
+        pytest.skip("grouped unavailable")
+    with pytest.raises(ConfigError, match=f"model.moe.backend: .*{match}"):
+        load_config("moe_debug", overrides)
+    load_config("moe_debug", [o for o in overrides if "backend" not in o] + ["model.moe.backend=auto"])

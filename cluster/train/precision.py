@@ -10,6 +10,39 @@ import torch.distributed as dist
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def kernel_dtype(precision: str, param_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the expert GEMMs run in for `precision` (moe.experts casts to autocast's)."""
+    return param_dtype if precision == "fp32" else DTYPES[precision]
+
+
+SLOW_HINT = ("install grouped_gemm (README \"GPU install\") for the megablocks backend, or use bf16 and widths "
+             "(d_model, expert_hidden) that are multiples of 8 for torch's grouped GEMM")
+
+
+def kernel_report(model: torch.nn.Module, precision: str, device: torch.device) -> tuple[list[str], dict]:
+    """The MoE kernel backend(s) this run uses, for the log once per run: progress lines (one per
+    distinct choice, with the reason for every backend skipped, and a WARNING if `auto` fell back
+    to the per-expert loop on a GPU) and a metrics record naming the backend."""
+    from moe.layer import moe_layers
+
+    choices = {}
+    for layer in moe_layers(model):
+        c = layer.experts.choice(device, kernel_dtype(precision, layer.experts.w13.dtype))
+        choices.setdefault((c.requested, c.backend, tuple(c.skipped.items())), c)
+    if not choices:
+        return [], {}
+    lines = [f"[raymoe] {c.describe()}" for c in choices.values()]
+    slow = [c for c in choices.values() if c.slow]
+    if slow:
+        lines.append(f"[raymoe] WARNING: MoE backend auto fell back to the per-expert loop on {device.type} "
+                     f"(one GEMM per expert and a host sync per layer: slow); {SLOW_HINT}")
+    record = {"event": "kernel_backend", "moe_backend": ",".join(sorted({c.backend for c in choices.values()})),
+              "kernel_dtype": str(next(iter(choices.values())).dtype).removeprefix("torch."),
+              "slow_path": bool(slow),
+              "skipped": {k: v for c in choices.values() for k, v in c.skipped.items()}}
+    return lines, record
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast to bf16/fp16 for `precision`; a no-op context for fp32."""
     if precision == "fp32":
