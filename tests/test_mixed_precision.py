@@ -7,13 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import archs
 import kernels
 from archs.moe_transformer import PRESETS, MoETransformerConfig
 from cluster.tasks.lm import LanguageModeling
-from cluster.train.precision import DTYPES, DynamicLossScaler, autocast
+from cluster.train.precision import DTYPES, DynamicLossScaler, GemmDtypeRecorder, autocast
 from cluster.train.step import train_step
 from kernels import blocksparse
 from moe.config import MoEConfig
@@ -22,7 +21,6 @@ from moe.layer import MoELayer
 from moe.losses import router_losses
 
 CPU = torch.device("cpu")
-GEMMS = {"mm", "bmm", "addmm", "_grouped_mm", "matmul", "baddbmm"}
 CPU_BACKENDS = ["loop", "padded", "grouped", "blocksparse"]
 LOW = ["bf16", "fp16"]
 # Relative (Frobenius) error bound against the fp32 layer: a few ulps of the dtype's 8/11-bit
@@ -33,22 +31,6 @@ REL_TOL = {"bf16": 3e-2, "fp16": 5e-3}
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(blocksparse, "BLOCK_SIZE", 8)
-
-
-class GemmRecorder(TorchDispatchMode):
-    """Records (op, dtypes of its tensor operands) of every matmul-like aten op: below autocast,
-    so these are the dtypes the kernels really receive."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name in GEMMS:
-            dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
-            self.seen.append((name, dtypes))
-        return func(*args, **(kwargs or {}))
 
 
 def need(backend: str, dtype: torch.dtype) -> None:
@@ -82,13 +64,13 @@ def test_expert_kernels_receive_the_autocast_dtype(backend, precision):
     sizes = torch.tensor([5, 0, 7, 4])  # an empty expert too
     x = torch.randn(16, 16, requires_grad=True)
     weight = torch.rand(16)
-    rec = GemmRecorder()
+    rec = GemmDtypeRecorder()
     with rec:
         with autocast(precision, CPU):
             y = experts(x, sizes, weight)
         y.float().square().sum().backward()
     assert rec.seen, "no GEMM was recorded"
-    assert {d for _, dts in rec.seen for d in dts} == {dtype}, rec.seen
+    assert rec.dtypes() == {dtype}, rec.seen
     assert y.dtype == dtype
     assert experts.w13.dtype == experts.w13.grad.dtype == torch.float32
     assert experts.w2.grad.dtype == x.grad.dtype == torch.float32

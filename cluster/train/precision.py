@@ -43,6 +43,47 @@ def kernel_report(model: torch.nn.Module, precision: str, device: torch.device) 
     return lines, record
 
 
+class GemmDtypeRecorder:
+    """Context manager recording (op, operand dtypes) of every matmul-like aten op run inside it,
+    forward and backward. It sits below autocast in the dispatcher, so these are the dtypes the
+    kernels really receive (evidence for the dtype flow; used by tests and `jobs.bench gpu`)."""
+
+    GEMMS = frozenset({"mm", "bmm", "addmm", "_grouped_mm", "matmul", "baddbmm", "addbmm"})
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in recorder.GEMMS:
+                    recorder.seen.append((name, tuple(a.dtype for a in args
+                                                      if isinstance(a, torch.Tensor) and a.is_floating_point())))
+                return func(*args, **(kwargs or {}))
+
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {d for _, dts in self.seen for d in dts}
+
+    def summary(self) -> dict[str, list[str]]:
+        """op -> the distinct operand dtypes it saw, e.g. {"_grouped_mm": ["torch.bfloat16"]}."""
+        out: dict[str, set[str]] = {}
+        for name, dts in self.seen:
+            out.setdefault(name, set()).update(str(d) for d in dts)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast to bf16/fp16 for `precision`; a no-op context for fp32."""
     if precision == "fp32":
