@@ -224,3 +224,18 @@ def test_unavailable_backend_is_a_config_error_on_the_driver(overrides, match):
     with pytest.raises(ConfigError, match=f"model.moe.backend: .*{match}"):
         load_config("moe_debug", overrides)
     load_config("moe_debug", [o for o in overrides if "backend" not in o] + ["model.moe.backend=auto"])
+
+
+def test_auto_on_widths_grouped_cannot_take_runs_under_autocast():
+    """expert_hidden 31 under bf16 autocast (the reported crash: 'x and w dtypes differ'): auto
+    takes the loop for both GEMMs, in bf16, and matches the fp32 layer."""
+    x = torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for p in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=31, capacity_factor=None)).train()
+        layer.init_weights(0.2, 0.2)
+        with autocast(p, CPU):
+            outs[p] = layer(x)
+    assert layer.experts.choice(CPU, torch.bfloat16).backend == "loop"
+    assert rel_err(outs["bf16"], outs["fp32"]) < REL_TOL["bf16"]
