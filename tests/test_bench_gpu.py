@@ -46,7 +46,7 @@ def test_tiny_cpu_check_writes_every_part_without_ray(tmp_path):
     assert layer[("coarse", "padded")]["gemm_operand_dtypes"]["bmm"] == ["torch.bfloat16"]  # experts only use bmm
     train = parts["c_train_step"]["results"][0]
     assert train["tokens_per_s"] > 0 and train["mfu"] is None and "cpu" in train["peak_source"]
-    assert len(train["losses"]) == 3 and all(np.isfinite(train["losses"]))
+    assert len(train["losses"]) == 2 and all(np.isfinite(train["losses"]))
     assert train["kernel"]["kernel_dtype"] == "bfloat16"
     sdpa = {r["case"].split()[0]: r["kernels"] for r in parts["d_sdpa"]["results"]}
     assert sdpa["dense"] and sdpa["local"]  # some SDPA implementation was seen for each

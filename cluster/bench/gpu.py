@@ -52,7 +52,7 @@ FULL = {
 TINY = {  # CPU smoke: bf16 GEMMs are very slow on CPUs, so everything is a few rows wide
     "kernel_shapes": {"coarse": dict(tokens=32, d_model=16, num_experts=4, top_k=2, expert_hidden=16),
                       "fine": dict(tokens=32, d_model=16, num_experts=8, top_k=4, expert_hidden=8)},
-    "repeats": 1, "warmup": 0, "train_steps": 2, "train_warmup": 1,
+    "repeats": 1, "warmup": 0, "train_steps": 1, "train_warmup": 1, "layer_backends": ["auto", "padded"],
     "attention": dict(batch=1, heads=2, seq=64, head_dim=16, window=16),
     "mamba": dict(batch=1, seq=32, heads=2, head_dim=8, d_state=8, chunk=8),
 }
@@ -162,7 +162,7 @@ def part_layer(cfg: dict, device: torch.device) -> dict:
 
     rows = []
     targets = {"coarse": 0.9, "fine": 0.7}  # issue 21: the MoE layer vs the dense FFN on an H200
-    backends = ["auto"] + [b for b in available_backends(device, torch.bfloat16) if b != "auto"]
+    backends = cfg.get("layer_backends") or ["auto"] + available_backends(device, torch.bfloat16)
     for name, s in cfg["kernel_shapes"].items():
         T, d = s["tokens"], s["d_model"]
         x = torch.randn(1, T, d, device=device, requires_grad=True)  # fp32, as RMSNorm hands it over
