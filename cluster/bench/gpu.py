@@ -394,9 +394,10 @@ def part_nf4(cfg: dict, device: torch.device, tiny: bool) -> dict:
     from cluster.deploy.quantize import quantize_nf4
 
     torch.manual_seed(0)
-    model = archs.build(TransformerConfig(**PRESETS["debug" if tiny else "small"], vocab_size=256)).to(device).eval()
+    cpu_model = archs.build(TransformerConfig(**PRESETS["debug" if tiny else "small"], vocab_size=256)).eval()
+    q = quantize_nf4(copy.deepcopy(cpu_model))  # quantized as deployment does it: from CPU weights
+    model = cpu_model.to(device)
     prompt = torch.randint(1, 256, (4, 16), device=device)
-    q = quantize_nf4(copy.deepcopy(model))
     with torch.no_grad():
         ref, got = model(prompt).float(), q(prompt).float()
     generate(q, prompt, 4, temperature=0)
