@@ -19,8 +19,12 @@ Three implementations of the scan share one signature, `(x, dt, A, B, C, state) 
 - `selective_scan_whole` (zero state in, no state out): the whole sequence as one chunk, a
   [T, T] decay matrix and no loop; the export form that `Mamba.export_form()` selects so an ONNX
   trace holds for every length. O(T^2) memory per head: export and inference only.
-`mamba_ssm`'s fused Triton scan is used instead of the chunked one only when the package imports
-and the tensors are on CUDA; it is never required. `scan_functions()` lists them for benchmarks.
+`mamba_ssm`'s fused Triton scan replaces the chunked one only when asked (`use_mamba_ssm: true`)
+and the tensors are on CUDA; asked for on CUDA where it does not import, the forward fails with
+the reason instead of silently running the chunked scan. CPU tensors always take the chunked
+scan (mamba_ssm is CUDA only), so a model trained with it still evaluates on CPU. Its parity with
+the chunked scan is checked by `python -m jobs.bench gpu` (part e) and by a test that runs where
+CUDA and mamba_ssm are present. `scan_functions()` lists the scans for benchmarks.
 
 Shape letters: B batch, T time, C model width, E inner width (expand * C), H heads, P head dim
 (E = H * P), N state size, L chunk length, K conv kernel, V vocabulary.
@@ -151,21 +155,29 @@ def _mamba_ssm_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, state_BHPN=None, chunk: i
     return y, final
 
 
-_MAMBA_SSM: bool | None = None
+_MAMBA_SSM: list[str | None] = []  # [None] if the scan imports, else [why not]; checked once
 
 
-def _mamba_ssm_available(x: torch.Tensor) -> bool:
-    """True if `x` is on CUDA and `mamba_ssm`'s Triton scan imports (checked once)."""
-    global _MAMBA_SSM
-    if not x.is_cuda:
-        return False
-    if _MAMBA_SSM is None:
+def mamba_ssm_unavailable_reason() -> str | None:
+    """None if `mamba_ssm`'s Triton scan imports here, else why not."""
+    if not _MAMBA_SSM:
         try:
             import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
-            _MAMBA_SSM = True
-        except Exception:  # absent, or built against another torch/CUDA: fall back to pure torch
-            _MAMBA_SSM = False
-    return _MAMBA_SSM
+            _MAMBA_SSM.append(None)
+        except Exception as err:  # absent, or built against another torch/CUDA
+            _MAMBA_SSM.append(f"mamba_ssm.ops.triton.ssd_combined does not import ({type(err).__name__}: {err})")
+    return _MAMBA_SSM[0]
+
+
+def _use_mamba_ssm(x: torch.Tensor) -> bool:
+    """Asked for: True on CUDA tensors (RuntimeError if it does not import), False on CPU."""
+    if not x.is_cuda:
+        return False
+    reason = mamba_ssm_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"model.use_mamba_ssm: true, but {reason}; install mamba_ssm (README \"GPU install\") "
+                           "or set model.use_mamba_ssm: false for the chunked pure-torch scan")
+    return True
 
 
 def scan_functions() -> dict[str, Callable]:
@@ -175,11 +187,8 @@ def scan_functions() -> dict[str, Callable]:
     `mamba_ssm` where that package imports (CUDA tensors only). Shapes: see `selective_scan_ref`.
     """
     fns: dict[str, Callable] = {"chunked": selective_scan_chunked, "sequential": selective_scan_ref}
-    try:
-        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401
+    if mamba_ssm_unavailable_reason() is None:
         fns["mamba_ssm"] = _mamba_ssm_scan
-    except Exception:
-        pass
     return fns
 
 
@@ -207,7 +216,7 @@ class MambaConfig(MoEOptions):
     norm_eps: Annotated[float, "RMSNorm epsilon"] = 1e-5
     tie_embeddings: Annotated[bool, "share the input embedding with the output head"] = True
     init_std: Annotated[float, "std of the normal weight init"] = 0.02
-    use_mamba_ssm: Annotated[bool, "use mamba_ssm's fused scan when it imports and the model is on CUDA"] = True
+    use_mamba_ssm: Annotated[bool, "use mamba_ssm's fused Triton scan on CUDA (an error if it does not import there); CPU always runs the chunked scan"] = False
 
     def __post_init__(self):
         for name in ("max_seq_len", "d_model", "n_layers", "expand", "head_dim", "d_state", "d_conv", "chunk_size"):
@@ -306,7 +315,7 @@ class MambaMixer(nn.Module):
                 y_BTHP = y_BHP[:, None]
             elif self.whole_sequence and cache is None:
                 y_BTHP = selective_scan_whole(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN)
-            elif cfg.use_mamba_ssm and _mamba_ssm_available(x_BTHP):
+            elif cfg.use_mamba_ssm and _use_mamba_ssm(x_BTHP):
                 y_BTHP, state = _mamba_ssm_scan(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, state, cfg.chunk_size)
             else:
                 y_BTHP, state = selective_scan_chunked(x_BTHP, dt_BTH, A_H, B_BTN, C_BTN, state, cfg.chunk_size)

@@ -1,7 +1,8 @@
 """Benchmarks that print figures and write JSON (never run as tests).
 
   python -m jobs.bench moe                       # MoE layer fwd+bwd vs dense SwiGLU, every backend, fp32 CPU
-  python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the prepared GPU check
+  python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the layer alone on a GPU, pure bf16
+  python -m jobs.bench gpu --out DIR             # the prepared GPU check, one GPU, no Ray (cluster/bench/gpu.py)
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
@@ -36,7 +37,7 @@ def print_table(results: list[dict]) -> None:
 
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
-               "tasks": "cluster.bench.tasks"}
+               "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu"}
 
 
 def main(argv=None) -> int:

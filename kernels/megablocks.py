@@ -3,60 +3,71 @@
 `gmm(a [N, I], b [G, I, O], batch_sizes [G], trans_b=False) -> [N, O]` is an autograd function
 (its backward calls the same kernel for dx and dw). Its checks (grouped_gemm csrc): a and b
 contiguous CUDA bf16, batch_sizes an int64 tensor on the CPU; and it asserts that not every
-batch size is zero. Install: README "GPU install" (megablocks pins an old torch, so no extra).
+batch size is zero. Only `grouped_gemm` is needed (MegaBlocks itself re-exports the same `gmm`
+and pins an old torch): install as in README "GPU install".
+
+The backend is available only where `grouped_gemm.ops.gmm` actually imports (a CUDA device
+present; the import is tried once, on the first question about a CUDA device).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 
 import torch
 
 from kernels.common import check_inputs, empty_result
 
 SUPPORTED_DTYPES = (torch.bfloat16,)
-INSTALL_HINT = ("install grouped_gemm (and megablocks) as in README \"GPU install\": "
-                "pip install --no-deps --no-build-isolation stanford-stk==0.7.1 grouped_gemm==0.3.0 megablocks==0.10.0")
+INSTALL_HINT = ("install grouped_gemm as in README \"GPU install\": "
+                "pip install --no-deps --no-build-isolation grouped_gemm==0.3.0 (builds its CUDA kernels; needs nvcc)")
+
+_GMM: list = []        # [gmm] once imported
+_IMPORT_ERROR: list = []  # [reason] once an import failed
 
 
-def _importable(name: str) -> bool:
-    if name in sys.modules:
-        return True
+def installed() -> bool:
+    """grouped_gemm is on the path (imports nothing: a driver without a GPU can ask)."""
     try:
-        return importlib.util.find_spec(name) is not None
+        return importlib.util.find_spec("grouped_gemm") is not None
     except (ImportError, ValueError):
         return False
 
 
+def _import_reason() -> str | None:
+    """None if `grouped_gemm.ops.gmm` imports, else why not (tried once per process)."""
+    if _GMM:
+        return None
+    if not _IMPORT_ERROR:
+        try:
+            _GMM.append(importlib.import_module("grouped_gemm.ops").gmm)
+            return None
+        except Exception as err:  # noqa: BLE001 - a broken build raises OSError/AttributeError too
+            _IMPORT_ERROR.append(f"grouped_gemm.ops.gmm does not import ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''})")
+    return _IMPORT_ERROR[0]
+
+
 def is_available() -> bool:
-    """CUDA present and grouped_gemm (or megablocks) installed; imports nothing."""
-    return torch.cuda.is_available() and (_importable("grouped_gemm") or _importable("megablocks"))
+    """CUDA present and `grouped_gemm.ops.gmm` imports."""
+    return torch.cuda.is_available() and _import_reason() is None
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return f"megablocks kernels need a CUDA device (got {torch.device(device).type}); " + INSTALL_HINT
-    if not (_importable("grouped_gemm") or _importable("megablocks")):
-        return "grouped_gemm is not installed; " + INSTALL_HINT
+        return f"needs a CUDA device (got {torch.device(device).type}); " + INSTALL_HINT
     if dtype not in SUPPORTED_DTYPES:
         return f"grouped_gemm supports {SUPPORTED_DTYPES}, got {dtype}"
-    return None
+    reason = _import_reason()
+    return None if reason is None else f"{reason}; {INSTALL_HINT}"
 
 
 def load_gmm():
-    """grouped_gemm's `gmm`, from grouped_gemm itself or through megablocks' re-export."""
-    try:
-        return importlib.import_module("grouped_gemm.ops").gmm
-    except ImportError:
-        pass
-    try:
-        util = importlib.import_module("megablocks.grouped_gemm_util")
-    except ImportError as err:
-        raise RuntimeError("megablocks backend: grouped_gemm is not importable; " + INSTALL_HINT) from err
-    if util.ops is None:
-        raise RuntimeError("megablocks backend: megablocks found no grouped_gemm; " + INSTALL_HINT)
-    return util.ops.gmm
+    """grouped_gemm's `gmm`; RuntimeError with the install hint if it does not import."""
+    reason = _import_reason()
+    if reason is not None:
+        raise RuntimeError(f"megablocks backend: {reason}; {INSTALL_HINT}")
+    return _GMM[0]
 
 
 def gmm_args(x_NI: torch.Tensor, w_GIO: torch.Tensor, sizes_G: torch.Tensor,

@@ -74,5 +74,13 @@ class LocalDispatcher:
 
     def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
         """out[t] = sum of t's kept (already weighted) expert outputs; dropped copies add nothing."""
-        out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
-        return out.index_add(0, d.token_M, y_MC)
+        return sum_by_token(y_MC, d.token_M, num_tokens, d.x_MC.dtype)
+
+
+def sum_by_token(y_MC: torch.Tensor, token_M: torch.Tensor, num_tokens: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum of the rows of y whose token is t, accumulated in fp32 at least (bf16 experts'
+    outputs would lose bits in a bf16 sum of top-k terms), returned in the dtype the tokens came
+    in (fp32 under autocast: the residual stream's)."""
+    acc = torch.promote_types(y_MC.dtype, torch.float32)
+    out = torch.zeros(num_tokens, y_MC.shape[1], dtype=acc, device=y_MC.device)
+    return out.index_add(0, token_M, y_MC.to(acc)).to(out_dtype)

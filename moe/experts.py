@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import grouped_mm
+from kernels import Choice, choose_backend, grouped_mm
 
 
 class SwiGLU(nn.Module):
@@ -58,9 +58,21 @@ def swiglu(h_M2F: torch.Tensor, weight_M: torch.Tensor | None = None) -> torch.T
     return _SwiGLU.apply(h_M2F, weight_M)
 
 
+def compute_dtype(x: torch.Tensor, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the expert GEMMs run in: autocast's dtype inside an autocast region on x's
+    device (`torch._grouped_mm` and grouped_gemm are not autocast ops, so nothing would cast
+    their operands), else the parameters' dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return param_dtype
+
+
 class GroupedExperts(nn.Module):
     """w13 [E, C, 2F] (gate and up projections fused into one GEMM), w2 [E, F, C].
 
+    Under autocast the rows and both weights are cast to the autocast dtype here, so every
+    backend's kernel sees one dtype; the parameters (master weights) stay in their own dtype
+    (fp32) and receive their gradients in it (the cast's backward casts back).
     Under expert parallelism a rank holds a contiguous slice of the experts; `num_experts` is
     then the local count.
     """
@@ -81,8 +93,15 @@ class GroupedExperts(nn.Module):
         The routing weight multiplies whichever is narrower: the hidden [M, F] (fine-grained
         experts, F < C) or the output [M, C]; the product is the same.
         """
-        h_M2F = grouped_mm(x_MC, self.w13, group_sizes_E, self.backend)
+        dtype = compute_dtype(x_MC, self.w13.dtype)
+        backend = self.choice(x_MC.device, dtype).backend  # one backend for both GEMMs (cached)
+        w13, w2 = self.w13.to(dtype), self.w2.to(dtype)  # no-ops outside autocast
+        h_M2F = grouped_mm(x_MC.to(dtype), w13, group_sizes_E, backend)
         if self.hidden <= x_MC.shape[1]:
-            return grouped_mm(swiglu(h_M2F, weight_M), self.w2, group_sizes_E, self.backend)
-        y_MC = grouped_mm(swiglu(h_M2F), self.w2, group_sizes_E, self.backend)
+            return grouped_mm(swiglu(h_M2F, weight_M), w2, group_sizes_E, backend)
+        y_MC = grouped_mm(swiglu(h_M2F), w2, group_sizes_E, backend)
         return y_MC * weight_M[:, None].to(y_MC.dtype)
+
+    def choice(self, device, dtype: torch.dtype) -> Choice:
+        """The kernel backend these experts run with on (device, dtype), and why the others not."""
+        return choose_backend(self.backend, device, dtype, (self.w13.shape[1], 2 * self.hidden, self.hidden))

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moe.dispatcher import Dispatched, keep_order
+from moe.dispatcher import Dispatched, keep_order, sum_by_token
 from moe.router import Routing
 from moe.layer import moe_layers
 from parallel.mesh import ProcessGroups
@@ -123,8 +123,7 @@ class AllToAllDispatcher:
     def combine(self, y_MC: torch.Tensor, d: Dispatched, num_tokens: int) -> torch.Tensor:
         ex: _Exchange = d.ctx
         y_back = all_to_all(y_MC.index_select(0, ex.unsort), ex.in_splits, ex.out_splits, self.group, self.timer)
-        out = torch.zeros(num_tokens, y_MC.shape[1], dtype=y_MC.dtype, device=y_MC.device)
-        return out.index_add(0, d.token_M, y_back)
+        return sum_by_token(y_back, d.token_M, num_tokens, d.x_MC.dtype)
 
 
 def apply_expert_parallel(model: nn.Module, groups: ProcessGroups, time_exchange: bool = False) -> nn.Module:

@@ -177,6 +177,8 @@ def fake_grouped_gemm(monkeypatch):
     package.ops = ops
     monkeypatch.setitem(sys.modules, "grouped_gemm", package)
     monkeypatch.setitem(sys.modules, "grouped_gemm.ops", ops)
+    monkeypatch.setattr(megablocks, "_GMM", [])           # the import is cached per process
+    monkeypatch.setattr(megablocks, "_IMPORT_ERROR", [])
     return calls
 
 
@@ -218,6 +220,82 @@ def test_megablocks_unavailable_on_cpu():
         kernels.grouped_mm(x, w, torch.tensor([2]), backend="megablocks")
 
 
+def test_megablocks_needs_gmm_itself_to_import(monkeypatch):
+    """A grouped_gemm whose ops module does not import (no CUDA build, say) is not 'available':
+    the reason names the failed import and the install hint; no megablocks fallback is tried."""
+    broken = types.ModuleType("grouped_gemm")
+    monkeypatch.setitem(sys.modules, "grouped_gemm", broken)
+    monkeypatch.setitem(sys.modules, "grouped_gemm.ops", None)  # import raises ImportError
+    monkeypatch.setattr(megablocks, "_GMM", [])
+    monkeypatch.setattr(megablocks, "_IMPORT_ERROR", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # pretend: only the import decides
+    reason = megablocks.unavailable_reason(torch.device("cuda"), torch.bfloat16)
+    assert "grouped_gemm.ops.gmm does not import" in reason and "GPU install" in reason
+    assert not megablocks.is_available()
+    with pytest.raises(RuntimeError, match="does not import"):
+        megablocks.load_gmm()
+    assert "fp32" not in reason and megablocks.unavailable_reason(torch.device("cuda"), torch.float32).startswith(
+        "grouped_gemm supports")
+
+
+# --- empty experts: zero weight gradients from the adapter, whatever the kernel -----------------
+
+EMPTY_PLACES = {"start": [0, 3, 2, 4], "middle": [3, 0, 0, 4], "end": [3, 2, 4, 0], "all_but_one": [0, 9, 0, 0]}
+
+
+@pytest.mark.parametrize("place", list(EMPTY_PLACES))
+@pytest.mark.parametrize("backend", ["loop", "padded", "grouped", "blocksparse", "megablocks"])
+def test_empty_groups_get_exactly_zero_weight_grad(backend, place, monkeypatch):
+    sizes = torch.tensor(EMPTY_PLACES[place])
+    dtype = torch.bfloat16 if backend == "megablocks" else torch.float32
+    if backend == "megablocks":
+        fake_grouped_gemm(monkeypatch)
+        monkeypatch.setattr(megablocks, "unavailable_reason", lambda device, dtype: None)
+        monkeypatch.setitem(kernels._REGISTRY, "megablocks", (megablocks.megablocks_mm, megablocks.unavailable_reason))
+        monkeypatch.setattr(kernels, "_CHOICES", {})
+    elif backend not in kernels.available_backends("cpu", dtype):
+        pytest.skip(f"{backend} unavailable on cpu/{dtype}")
+    x, w = make_inputs(sizes, 8, 8, dtype)
+    y, dx, dw = run(lambda a, b, s: kernels.grouped_mm(a, b, s, backend), x, w, sizes)
+    empty = sizes == 0
+    assert torch.equal(dw[empty], torch.zeros_like(dw[empty]))
+    ref_y, ref_dx, ref_dw = run(loop_mm, x, w, sizes)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, ref_dw, **tol)
+    torch.testing.assert_close(dx, ref_dx, **tol)
+
+
+@pytest.mark.parametrize("place", list(EMPTY_PLACES))
+def test_adapter_zeroes_garbage_a_kernel_leaves_in_empty_groups(place, monkeypatch):
+    """A kernel whose backward leaves empty groups' dw uninitialised (NaN here, as grouped_gemm
+    issue #36 describes) still yields exact zeros for them through grouped_mm."""
+
+    class GarbageDW(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, sizes):
+            ctx.save_for_backward(x, w, sizes)
+            return loop_mm(x, w, sizes)
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, w, sizes = ctx.saved_tensors
+            with torch.enable_grad():
+                xx, ww = x.detach().requires_grad_(), w.detach().requires_grad_()
+                dx, dw = torch.autograd.grad(loop_mm(xx, ww, sizes), (xx, ww), dy)
+            dw = dw.clone()
+            dw[sizes == 0] = float("nan")
+            return dx, dw, None
+
+    monkeypatch.setitem(kernels._REGISTRY, "loop", (GarbageDW.apply, kernels.loop.unavailable_reason))
+    sizes = torch.tensor(EMPTY_PLACES[place])
+    x, w = make_inputs(sizes, 4, 4, torch.float32)
+    _, dx, dw = run(lambda a, b, s: kernels.grouped_mm(a, b, s, "loop"), x, w, sizes)
+    _, ref_dx, ref_dw = run(loop_mm, x, w, sizes)
+    assert torch.equal(dw[sizes == 0], torch.zeros_like(dw[sizes == 0]))
+    torch.testing.assert_close(dw, ref_dw)
+    torch.testing.assert_close(dx, ref_dx)
+
+
 # --- selection and errors ---------------------------------------------------------------------
 
 def test_unknown_backend_lists_valid_names():
@@ -236,13 +314,28 @@ def test_auto_resolution_on_cpu():
     assert {"loop", "padded", "blocksparse"} <= set(kernels.available_backends("cpu", torch.float32))
 
 
+def test_choice_names_every_skipped_backend_and_why():
+    if "grouped" not in kernels.available_backends("cpu", torch.float32):
+        pytest.skip("grouped unavailable")
+    c = kernels.choose_backend("auto", "cpu", torch.float32, (16, 48))
+    assert c.backend == "grouped" and not c.slow
+    assert set(c.skipped) == {"padded", "blocksparse", "megablocks"}  # not in CPU auto's order
+    odd = kernels.choose_backend("auto", "cpu", torch.bfloat16, (16, 62))
+    assert odd.backend == "loop" and "multiples of 8" in odd.skipped["grouped"]
+    assert "skipped: grouped: widths [62]" in odd.describe()
+    assert kernels.choose_backend("auto", "cpu", torch.float64).skipped["grouped"].startswith("torch._grouped_mm")
+    # On CUDA without grouped_gemm and with widths grouped cannot take, auto lands on the loop: slow.
+    cuda = kernels.Choice("auto", "loop", "cuda", torch.bfloat16, {"megablocks": "x", "grouped": "y"})
+    assert cuda.slow and not kernels.Choice("loop", "loop", "cuda", torch.bfloat16).slow
+
+
 def test_auto_handles_widths_grouped_cannot():
     """torch._grouped_mm needs 16-byte strides; auto falls back to the loop, explicit fails clearly."""
     sizes = torch.tensor([2, 3])
     x, w = make_inputs(sizes, 5, 3, torch.float32)
     torch.testing.assert_close(kernels.grouped_mm(x, w, sizes), loop_mm(x, w, sizes))
     if "grouped" in kernels.available_backends("cpu", torch.float32):
-        with pytest.raises(ValueError, match="multiples of 4"):
+        with pytest.raises(kernels.BackendUnavailable, match="multiples of 4"):
             kernels.grouped_mm(x, w, sizes, backend="grouped")
 
 

@@ -168,3 +168,40 @@ def test_job_configs_build(name, moe_ids):
     model = archs.build(job.model)
     assert isinstance(model, Mamba) and job.model.moe_layer_ids == moe_ids
     assert job.model.max_seq_len >= job.data.seq_len
+
+
+# --- mamba_ssm: an explicit choice, never a silent switch ----------------------------------------
+
+def test_mamba_ssm_is_opt_in_and_fails_loudly_on_cuda_where_it_does_not_import(monkeypatch):
+    import types
+
+    from archs import mamba
+
+    assert MambaConfig().use_mamba_ssm is False  # the default runs the chunked scan everywhere
+    monkeypatch.setattr(mamba, "_MAMBA_SSM", ["mamba_ssm.ops.triton.ssd_combined does not import (test)"])
+    with pytest.raises(RuntimeError, match="use_mamba_ssm: false"):
+        mamba._use_mamba_ssm(types.SimpleNamespace(is_cuda=True))
+    assert mamba._use_mamba_ssm(torch.zeros(1)) is False  # CPU tensors: the chunked scan, asked or not
+    model = Mamba(MambaConfig(**PRESETS["debug"], vocab_size=50, use_mamba_ssm=True))
+    ref = Mamba(MambaConfig(**PRESETS["debug"], vocab_size=50))
+    ref.load_state_dict(model.state_dict())
+    tokens = torch.randint(0, 50, (2, 24))
+    torch.testing.assert_close(model(tokens), ref(tokens), rtol=0, atol=0)
+    assert "mamba_ssm" not in scan_functions()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mamba_ssm runs on CUDA only (also checked by jobs.bench gpu, part e)")
+def test_mamba_ssm_scan_equals_chunked_scan():
+    fns = scan_functions()
+    if "mamba_ssm" not in fns:
+        pytest.skip("mamba_ssm does not import")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, P, N = 2, 256, 4, 32, 16
+    x = torch.randn(B, T, H, P, device="cuda", generator=g)
+    dt = F.softplus(torch.randn(B, T, H, device="cuda", generator=g) - 3)
+    A = -torch.rand(H, device="cuda", generator=g) * 4 - 0.5
+    Bm, Cm = (torch.randn(B, T, N, device="cuda", generator=g) for _ in range(2))
+    y_ref, s_ref = fns["chunked"](x, dt, A, Bm, Cm, None, 64)
+    y, s = fns["mamba_ssm"](x, dt, A, Bm, Cm, None, 64)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(s.float(), s_ref, rtol=2e-3, atol=2e-3)

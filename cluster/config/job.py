@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 
 import archs
+import kernels
 from cluster.config.typed import (
     ConfigError,
     apply_overrides,
@@ -217,6 +219,22 @@ class JobConfig:
                                   f"(train.global_batch_size / dp){at}")
         if t.precision == "fp16" and not self.cluster.use_gpu:
             raise ConfigError("train.precision: fp16 needs GPUs (cluster.use_gpu: true); use fp32 or bf16 on CPU")
+        self._check_kernel_backend()
+
+    def _check_kernel_backend(self) -> None:
+        """An explicitly requested MoE kernel backend that cannot run on the workers' device and
+        dtype fails here, on the driver, with the reason and install hint."""
+        moe = getattr(self.model, "moe", None)
+        if moe is None or moe.backend == "auto":
+            return
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.train.precision]
+        d_model = getattr(self.model, "d_model", None)
+        widths = (d_model, 2 * moe.expert_hidden, moe.expert_hidden) if d_model else ()
+        try:
+            kernels.check_requested(moe.backend, "cuda" if self.cluster.use_gpu else "cpu", dtype, widths)
+        except kernels.BackendUnavailable as e:
+            raise ConfigError(f"model.moe.backend: {e} (train.precision={self.train.precision}, "
+                              f"cluster.use_gpu={self.cluster.use_gpu}); or use backend: auto") from None
 
     def _check_pipeline(self, dims: ParallelDims) -> None:
         if dims.pp == 1:

@@ -23,7 +23,7 @@ from cluster.config.job import JobConfig
 from cluster.tasks.registry import build_task
 from cluster.train.metrics import build_metrics, measure_peak_flops
 from cluster.train.optim import build_optimizer, build_scheduler
-from cluster.train.precision import DynamicLossScaler
+from cluster.train.precision import DynamicLossScaler, kernel_report
 from cluster.train.step import evaluate_task, train_step
 from parallel.mesh import build_groups
 
@@ -83,6 +83,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(t.seed + 1 + dp_rank)
 
     log = build_metrics(job.metrics, c.run_name, run_dir, Path(loop_config["storage"]), rank)
+    kernel_lines, kernel_record = kernel_report(model, t.precision, device)  # which MoE kernel runs, once
+    if rank == 0 and kernel_lines:
+        print("\n".join(kernel_lines), flush=True)
+    if kernel_record:
+        log.log(kernel_record, step)
     peak = job.metrics.peak_flops or (measure_peak_flops(device) if rank == 0 else 0.0)
     stop = t.stop_at_step or t.steps
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len

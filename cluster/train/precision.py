@@ -10,6 +10,80 @@ import torch.distributed as dist
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def kernel_dtype(precision: str, param_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype the expert GEMMs run in for `precision` (moe.experts casts to autocast's)."""
+    return param_dtype if precision == "fp32" else DTYPES[precision]
+
+
+SLOW_HINT = ("install grouped_gemm (README \"GPU install\") for the megablocks backend, or use bf16 and widths "
+             "(d_model, expert_hidden) that are multiples of 8 for torch's grouped GEMM")
+
+
+def kernel_report(model: torch.nn.Module, precision: str, device: torch.device) -> tuple[list[str], dict]:
+    """The MoE kernel backend(s) this run uses, for the log once per run: progress lines (one per
+    distinct choice, with the reason for every backend skipped, and a WARNING if `auto` fell back
+    to the per-expert loop on a GPU) and a metrics record naming the backend."""
+    from moe.layer import moe_layers
+
+    choices = {}
+    for layer in moe_layers(model):
+        c = layer.experts.choice(device, kernel_dtype(precision, layer.experts.w13.dtype))
+        choices.setdefault((c.requested, c.backend, tuple(c.skipped.items())), c)
+    if not choices:
+        return [], {}
+    lines = [f"[raymoe] {c.describe()}" for c in choices.values()]
+    slow = [c for c in choices.values() if c.slow]
+    if slow:
+        lines.append(f"[raymoe] WARNING: MoE backend auto fell back to the per-expert loop on {device.type} "
+                     f"(one GEMM per expert and a host sync per layer: slow); {SLOW_HINT}")
+    record = {"event": "kernel_backend", "moe_backend": ",".join(sorted({c.backend for c in choices.values()})),
+              "kernel_dtype": str(next(iter(choices.values())).dtype).removeprefix("torch."),
+              "slow_path": bool(slow),
+              "skipped": {k: v for c in choices.values() for k, v in c.skipped.items()}}
+    return lines, record
+
+
+class GemmDtypeRecorder:
+    """Context manager recording (op, operand dtypes) of every matmul-like aten op run inside it,
+    forward and backward. It sits below autocast in the dispatcher, so these are the dtypes the
+    kernels really receive (evidence for the dtype flow; used by tests and `jobs.bench gpu`)."""
+
+    GEMMS = frozenset({"mm", "bmm", "addmm", "_grouped_mm", "matmul", "baddbmm", "addbmm"})
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        recorder = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in recorder.GEMMS:
+                    recorder.seen.append((name, tuple(a.dtype for a in args
+                                                      if isinstance(a, torch.Tensor) and a.is_floating_point())))
+                return func(*args, **(kwargs or {}))
+
+        self.seen: list[tuple[str, tuple[torch.dtype, ...]]] = []
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def dtypes(self) -> set[torch.dtype]:
+        return {d for _, dts in self.seen for d in dts}
+
+    def summary(self) -> dict[str, list[str]]:
+        """op -> the distinct operand dtypes it saw, e.g. {"_grouped_mm": ["torch.bfloat16"]}."""
+        out: dict[str, set[str]] = {}
+        for name, dts in self.seen:
+            out.setdefault(name, set()).update(str(d) for d in dts)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast to bf16/fp16 for `precision`; a no-op context for fp32."""
     if precision == "fp32":
