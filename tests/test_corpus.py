@@ -119,7 +119,9 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def run(sources, out, ray_cluster, **kw):
-    opts = CorpusOptions(sources=[str(s) for s in sources], out=str(out), seq_len=SEQ_LEN, **kw)
+    # The cluster's pooled workers: a per-run worker set costs ~15 s of start-up here.
+    opts = CorpusOptions(sources=[str(s) for s in sources], out=str(out), seq_len=SEQ_LEN,
+                         isolate_workers=False, **kw)
     return prepare_corpus(opts)
 
 
@@ -182,7 +184,7 @@ def test_deterministic_over_runs_and_cpu_counts(corpus, ray_cluster, tmp_path):
 
 
 def test_bpe_and_tokenizer_json_with_bos(corpus, ray_cluster, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     docs = [d for group in corpus["expected"][:2] for d in group]
     # BPE trained by the pipeline on a sample; the windows are its encodings.
@@ -195,6 +197,7 @@ def test_bpe_and_tokenizer_json_with_bos(corpus, ray_cluster, tmp_path):
     # A foreign tokenizer.json whose template prepends <s> (as Llama's does), no config file.
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=350, special_tokens=["<s>", "</s>"],
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                                      show_progress=False))

@@ -45,7 +45,7 @@ from cluster.data.corpus import BadRecord, Source, SourceFile, discover, iter_re
 from cluster.data.tokenizer import BPETokenizer, ByteTokenizer, JSONTokenizer
 from cluster.data.tokens import DatasetMeta, Shard, check_out_dir, footer_metadata, publish, write_shard
 
-CHUNK_BYTES = 4 << 20  # text encoded per tokenizer call in a task: bounds a task's memory
+CHUNK_BYTES = 1 << 20  # text encoded per tokenizer call in a task: bounds a task's memory
 FIRST_BAD = 10  # bad records reported with their place, in the summary and meta.json
 CACHE_VERSION = 1  # bump when the token-file layout changes: old work dirs are then ignored
 DTYPE = np.dtype("<i4")
@@ -70,6 +70,9 @@ class CorpusOptions:
     bpe_sample_mb: float = 256.0
     """Text the BPE tokenizer is trained on (spread over the sources, in key order)."""
     overwrite: bool = False
+    isolate_workers: bool = True
+    """Run the tasks in worker processes of their own (a per-run runtime env), so the peak
+    memory reported is this job's alone; off: the cluster's pooled workers (no start-up wait)."""
 
     def check(self) -> None:
         if self.seq_len < 1:
@@ -257,6 +260,9 @@ def _tokenize_file(unit: dict, tok_spec: dict, text_field: str, work: Path):
         yield _report(key=unit["key"], done=True, reused=True, summary=summary,
                       delta={**_counts(summary), "in_bytes": file.size})
         return
+    # One task, one core: `tokenizers` reads this at each batch call (pooled workers have no
+    # per-run env; RAYON_NUM_THREADS, set there, also caps a pool already started).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = _worker_tokenizer(tok_spec)
     base.parent.mkdir(parents=True, exist_ok=True)
     tmp_tok = Path(f"{base}.tok.tmp-{os.getpid()}")
@@ -462,12 +468,12 @@ def describe(sources: list[Source]) -> str:
     return "\n".join(lines)
 
 
-def _map(ds, fn, opts: CorpusOptions, run_env: dict, **fn_kwargs):
+def _map(ds, fn, opts: CorpusOptions, run_env: dict | None, **fn_kwargs):
     import ray.data
 
     compute = ray.data.TaskPoolStrategy(size=opts.num_cpus) if opts.num_cpus else None
-    return ds.map_batches(fn, batch_size=1, compute=compute, num_cpus=1, fn_kwargs=fn_kwargs,
-                          runtime_env={"env_vars": run_env})
+    extra = {"runtime_env": {"env_vars": run_env}} if run_env else {}
+    return ds.map_batches(fn, batch_size=1, compute=compute, num_cpus=1, fn_kwargs=fn_kwargs, **extra)
 
 
 def _items(units: list[dict]):
@@ -497,7 +503,7 @@ def prepare_corpus(opts: CorpusOptions, print_fn: Callable[[str], None] | None =
     # Fresh worker processes for this run (their own runtime env), one core each for Rust
     # tokenizers: the peak memory reported is this job's, and a task is one CPU's work.
     run_env = {"RAYMOE_PREPARE_RUN": f"{os.getpid()}-{time.time_ns()}", "RAYON_NUM_THREADS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+               "TOKENIZERS_PARALLELISM": "false"} if opts.isolate_workers else None
     peaks: dict[tuple[str, int], int] = {}
 
     def note(rep: dict) -> dict:
