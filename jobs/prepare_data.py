@@ -147,6 +147,8 @@ def _prepare_on_ray(args, sources: list[str], val_fraction: float):
     opts.check()
     import logging
 
+    import ray.data  # noqa: F401  (configures its loggers on import: quiet them after)
+
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our progress line replaces its log
     if args.ray_address:
         ray.init(address=args.ray_address, configure_logging=False, log_to_driver=False)

@@ -316,3 +316,22 @@ def test_cli_dry_run_lists_sources(corpus):
     assert result.returncode == 0, result.stderr
     assert "2 file(s)" in result.stdout and "weight 2.0" in result.stdout and "part-1.jsonl" in result.stdout
     assert "engine ray" in result.stdout
+
+
+def test_mixture_sampling_of_a_long_file_matches_one_draw(tmp_path):
+    """The mixture stage reads a file's document lengths 4096 at a time; its kept documents are
+    those of one draw per document over the whole file."""
+    from cluster.data.pipeline import _mix_file
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=10_000)
+    stream = np.arange(lengths.sum(), dtype=np.int32)
+    (tmp_path / "tok").mkdir()
+    stream.astype("<i4").tofile(tmp_path / "tok" / "k.tok")
+    np.stack([lengths, lengths * 3], axis=1).astype("<i8").tofile(tmp_path / "tok" / "k.len")
+    rep = json.loads(_mix_file({"key": "k", "source": 1, "index": 2, "keep": 0.4}, 7, tmp_path)["report"][0])
+    keep = np.random.default_rng([7, 1, 2]).random(len(lengths)) < 0.4
+    pieces = np.split(stream, np.cumsum(lengths)[:-1])
+    expected = np.concatenate([p for p, k in zip(pieces, keep) if k])
+    np.testing.assert_array_equal(np.fromfile(rep["stream"], dtype="<i4"), expected)
+    assert (rep["docs"], rep["tokens"], rep["chars"]) == (keep.sum(), len(expected), 3 * len(expected))
