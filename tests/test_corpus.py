@@ -153,12 +153,12 @@ def test_source_specs_and_engine_choice(corpus, tmp_path):
 
 
 def test_every_format_matches_reference(corpus, ray_cluster, tmp_path):
-    """txt/md, jsonl and jsonl.gz in one run; jsonl.zst and Parquet, whose text is in `body`, in
-    a second (--text-field is one per run)."""
+    """txt/md, jsonl, jsonl.gz and the bundled pydoc text in one run; jsonl.zst and Parquet, whose
+    text is in `body`, in a second (--text-field is one per run)."""
     tok = ByteTokenizer()
     out = tmp_path / "a"
-    meta, report = run(corpus["sources"][:3], out, ray_cluster)
-    docs = [d for group in corpus["expected"][:3] for d in group]
+    meta, report = run(corpus["sources"][:3] + ["pydoc"], out, ray_cluster)
+    docs = [d for group in corpus["expected"][:3] for d in group] + topic_docs()
     assert_matches_reference(out, reference_windows(docs, tok.encode, tok.eos_id))
     assert report["empty_documents"] == 1 and report["bad_records"] == 0
     assert meta.num_documents == sum(1 for d in docs if d)
