@@ -576,8 +576,8 @@ def prepare_corpus(opts: CorpusOptions, print_fn: Callable[[str], None] | None =
 
     # Stage 2: the mixture (weighted sources only).
     per_source = []
-    for s in sources:
-        mine = [sm for f, sm in ordered if f.source == sources.index(s)]
+    for i, s in enumerate(sources):
+        mine = [sm for f, sm in ordered if f.source == i]
         per_source.append({"source": s.spec, "weight": s.weight, "files": len(s.files),
                            "documents": sum(m["docs"] for m in mine), "tokens": sum(m["tokens"] for m in mine),
                            "bad": sum(sum(m["bad"].values()) for m in mine)})
