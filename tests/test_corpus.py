@@ -335,3 +335,28 @@ def test_mixture_sampling_of_a_long_file_matches_one_draw(tmp_path):
     expected = np.concatenate([p for p, k in zip(pieces, keep) if k])
     np.testing.assert_array_equal(np.fromfile(rep["stream"], dtype="<i4"), expected)
     assert (rep["docs"], rep["tokens"], rep["chars"]) == (keep.sum(), len(expected), 3 * len(expected))
+
+
+def test_truncated_zst_and_parquet_types(tmp_path):
+    """A .zst cut short ends the file with one `truncated` record after a prefix of its good
+    lines; a Parquet column of the wrong type or with nulls is counted row by row."""
+    from cluster.data.corpus import BadRecord, SourceFile, iter_records
+
+    docs = topic_docs()
+    write_jsonl(tmp_path / "full.jsonl.zst", [{"text": d} for d in docs])
+    data = (tmp_path / "full.jsonl.zst").read_bytes()
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) // 2])
+    f = SourceFile(str(tmp_path / "cut.jsonl.zst"), "jsonl", len(data) // 2, 0, 0)
+    records = list(iter_records(f))
+    assert isinstance(records[-1], BadRecord) and records[-1].kind == "truncated"
+    good = records[:-1]
+    assert len(good) > 5  # the lines before the break are kept
+    assert all(not isinstance(r, BadRecord) for r in good)
+    assert [t for _, t in good] == docs[: len(good)] and records[-1].line == len(good) + 1
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "ints.parquet")
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "nulls.parquet")
+    ints = list(iter_records(SourceFile(str(tmp_path / "ints.parquet"), "parquet", 1, 0, 0)))
+    assert [(r.kind, r.line) for r in ints] == [("not_string", 0), ("not_string", 1), ("not_string", 2)]
+    nulls = list(iter_records(SourceFile(str(tmp_path / "nulls.parquet"), "parquet", 1, 0, 0)))
+    assert nulls[0] == (0, "a") and nulls[2] == (2, "b")
+    assert (nulls[1].kind, nulls[1].line, nulls[1].where()) == ("missing_field", 1, f"{tmp_path / 'nulls.parquet'} row 1")

@@ -162,8 +162,10 @@ def _lines(path: str, progress: list[int]) -> Iterator[tuple[int, bytes | BadRec
     a read error (truncated or corrupt stream) ends the file with a BadRecord. `progress[0]`
     follows the raw file position, for the ETA."""
     stream, raw = _open_bytes(path)
-    # read1: one decompression step per call, so a stream that breaks off loses no line before it.
-    read = getattr(stream, "read1", stream.read)
+    # read1: one decompression step per call, so a stream that breaks off loses no line before
+    # it; pyarrow's zstd stream has no read1 and drops the read that fails: keep those small.
+    read = stream.read1 if isinstance(stream, gzip.GzipFile) or stream is raw else \
+        (lambda n: stream.read(min(n, 1 << 16)))
     lineno, tail = 0, b""
     try:
         while True:
