@@ -11,6 +11,7 @@
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (cluster/bench/parallel.py)
   python -m jobs.bench deploy --out FILE         # sizes, perplexity, ONNX Runtime latency, generation (cluster/bench/deploy.py)
   python -m jobs.bench tasks [--quick]           # forecasters (hybrid vs plain) and image-text fusion variants (cluster/bench/tasks.py)
+  python -m jobs.bench data [--sizes 200MB]      # data preparation on Ray Data, 1 vs 2 CPUs, vs one process (cluster/bench/data.py)
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -37,7 +38,7 @@ def print_table(results: list[dict]) -> None:
 
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
-               "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu"}
+               "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data"}
 
 
 def main(argv=None) -> int:

@@ -62,6 +62,35 @@ def prepare(source: list[str] | str = "pydoc", out: str | Path = DEFAULT_OUT,
                          source=described, overwrite=overwrite)
 
 
+LOCAL_LIMIT_BYTES = 64 << 20  # `auto` keeps text corpora up to this size in one process
+
+
+def choose_engine(sources: list[str], tokenizer: str, engine: str = "auto") -> str:
+    """`local` (write_dataset in this process: the whole stream in memory, no Ray start-up) or
+    `ray` (cluster.data.pipeline: any format, weights, tokenizer.json, bounded memory).
+
+    `auto` picks local only for unweighted pydoc/.txt/.md sources of at most LOCAL_LIMIT_BYTES
+    with the byte or bpe tokenizer: the bundled corpus stays a sub-second job."""
+    if engine not in ("auto", "local", "ray"):
+        raise ValueError(f"engine={engine!r} must be auto, local or ray")
+    if engine != "auto":
+        return engine
+    from cluster.data.corpus import discover
+
+    if tokenizer not in ("byte", "bpe"):
+        return "ray"
+    try:
+        found = discover(sources)
+    except (FileNotFoundError, ValueError):
+        return "local"  # let the local loader raise its own message
+    if any(s.weight is not None for s in found):
+        return "ray"
+    files = [f for s in found for f in s.files]
+    if any(f.format not in ("pydoc", "text") for f in files) or sum(f.size for f in files) > LOCAL_LIMIT_BYTES:
+        return "ray"
+    return "local"
+
+
 def ensure_default_dataset(out_dir: str | Path, seq_len: int,
                            tokenizer: str = "byte") -> DatasetMeta:
     """The built-in pydoc dataset at `out_dir`, prepared on first use."""

@@ -1,4 +1,5 @@
-"""Tokenizers for the offline datasets: raw UTF-8 bytes, or a byte-level BPE trained locally.
+"""Tokenizers for the offline datasets: raw UTF-8 bytes, a byte-level BPE trained locally, or any
+tokenizer.json (JSONTokenizer).
 
 Both expose the same small API (`name`, `vocab_size`, `eos_id`, `encode`, `decode`), and both
 can encode any text, so a dataset never contains an unknown token. The eos id separates
@@ -7,6 +8,7 @@ documents in the token stream; `encode` never produces it from text.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Protocol
 
@@ -93,8 +95,102 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text in one call (Rust threads: RAYON_NUM_THREADS caps them)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) != self.eos_id]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
+BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json writes a special token as a string or as {"content": ...}.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class JSONTokenizer:
+    """Any `tokenizers` tokenizer.json (an imported model's, say), with its bos/eos conventions.
+
+    eos and bos come from a `tokenizer_config.json` beside the file (`eos_token`, `bos_token`,
+    `add_bos_token`: the Hugging Face convention) when there is one; otherwise eos is the first
+    of EOS_CANDIDATES in the vocabulary, and bos is prepended when the tokenizer's own
+    post-processor prepends a special token (as Llama's does). Documents are written as
+    [bos] text eos, so a model trained here sees the framing its tokenizer expects.
+    """
+
+    name = "json"
+
+    def __init__(self, tok, eos_token: str, bos_token: str | None = None, add_bos: bool = False,
+                 source: str = "") -> None:
+        eos_id = tok.token_to_id(eos_token)
+        if eos_id is None:
+            raise ValueError(f"tokenizer {source or ''}: eos token {eos_token!r} is not in its vocabulary")
+        bos_id = tok.token_to_id(bos_token) if bos_token else None
+        if add_bos and bos_id is None:
+            raise ValueError(f"tokenizer {source}: add_bos_token is set but bos token {bos_token!r} "
+                             "is not in its vocabulary")
+        tok.encode_special_tokens = True  # as BPETokenizer: only the writer places eos/bos
+        self._tok = tok
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_id = eos_id
+        self.bos_id = bos_id if add_bos else None
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> JSONTokenizer:
+        """`path` is a tokenizer.json or a directory holding one."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer '{path}': no tokenizer.json there; give `byte`, `bpe`, "
+                                    "a tokenizer.json or a directory holding one")
+        tok = HFTokenizer.from_file(str(file))
+        config_file = file.with_name("tokenizer_config.json")
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        eos = _token_text(config.get("eos_token"))
+        if eos is None:
+            eos = next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+        if eos is None:
+            raise ValueError(f"tokenizer '{file}': no eos token found (none of {EOS_CANDIDATES}); put a "
+                             "tokenizer_config.json with \"eos_token\" beside it")
+        bos = _token_text(config.get("bos_token"))
+        if "add_bos_token" in config:
+            add_bos = bool(config["add_bos_token"])
+        else:
+            # The tokenizer's own template: does it put a special token in front of the text?
+            plain = tok.encode("a", add_special_tokens=False).ids
+            framed = tok.encode("a", add_special_tokens=True).ids
+            first = framed[0] if len(framed) > len(plain) and framed[1:1 + len(plain)] == plain else None
+            add_bos = first is not None
+            if add_bos and bos is None:
+                bos = tok.id_to_token(first)
+        if bos is None and not add_bos:
+            bos = next((t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+        return cls(tok, eos, bos, add_bos, source=str(file))
+
+    def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`, and its conventions in tokenizer_config.json beside it."""
+        path = Path(path)
+        self._tok.save(str(path))
+        config = {"eos_token": self.eos_token, "bos_token": self.bos_token,
+                  "add_bos_token": self.bos_id is not None}
+        path.with_name("tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
@@ -113,9 +209,11 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
             raise FileNotFoundError(f"data path '{data_dir}' uses a BPE tokenizer but has no "
                                     "tokenizer.json")
         tok = BPETokenizer.load(path)
+    elif meta.tokenizer == "json":
+        tok = JSONTokenizer.from_path(data_dir)
     else:
         raise ValueError(f"data path '{data_dir}': unknown tokenizer {meta.tokenizer!r} in "
-                         "meta.json (expected 'byte' or 'bpe')")
+                         "meta.json (expected 'byte', 'bpe' or 'json')")
     if (tok.vocab_size, tok.eos_id) != (meta.vocab_size, meta.eos_id):
         raise ValueError(
             f"data path '{data_dir}': tokenizer has vocab_size={tok.vocab_size}, "
@@ -123,4 +221,4 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     return tok
 
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "EOS_TEXT", "Tokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "EOS_TEXT", "JSONTokenizer", "Tokenizer", "load_tokenizer"]

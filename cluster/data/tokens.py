@@ -5,7 +5,7 @@ A dataset is a directory:
     meta.json                 DatasetMeta as JSON
     train-00000.parquet ...   one column `tokens`: fixed_size_list<int32>[seq_len + 1]
     val-00000.parquet ...
-    tokenizer.json            only for the BPE tokenizer
+    tokenizer.json            only for the BPE and json tokenizers (json: + tokenizer_config.json)
 
 Each row is one training sequence: input = row[:-1], target = row[1:]. The Parquet footer of
 every shard repeats `tokenizer`, `vocab_size`, `seq_len`, `eos_id`, so a lone shard explains
@@ -48,7 +48,7 @@ class Shard:
 @dataclass
 class DatasetMeta:
     tokenizer: str
-    """Tokenizer name: `byte` or `bpe` (then `tokenizer.json` sits beside the shards)."""
+    """Tokenizer name: `byte`, `bpe` or `json` (then `tokenizer.json` sits beside the shards)."""
     vocab_size: int
     """Number of token ids, eos included."""
     eos_id: int
@@ -71,6 +71,12 @@ class DatasetMeta:
     """Tokens in the stream (eos included) before the tail was dropped."""
     seed: int = 0
     """Seed of the window shuffle and train/val split."""
+    num_bad_records: int = 0
+    """Records that could not be read (none of them is in the shards); see bad_records."""
+    bad_records: dict = dataclasses.field(default_factory=dict)
+    """Bad records: `counts` by kind and the `first` few with file and line or row."""
+    sources: list = dataclasses.field(default_factory=list)
+    """Per --source: weight, files, documents, tokens, and the tokens the mixture kept."""
 
     def rows_per_shard(self, split: str) -> list[int]:
         return [s.rows for s in self.shards[split]]
@@ -89,7 +95,7 @@ class DatasetMeta:
         return cls(**{**raw, "shards": shards})
 
 
-def _footer_metadata(meta: DatasetMeta) -> dict[bytes, bytes]:
+def footer_metadata(meta: DatasetMeta) -> dict[bytes, bytes]:
     return {key.encode(): str(getattr(meta, key)).encode()
             for key in ("tokenizer", "vocab_size", "seq_len", "eos_id")}
 
@@ -159,7 +165,7 @@ def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: 
             tokenizer.save(tmp / "tokenizer.json")
         # meta.json last: a directory with meta.json has all its shards.
         (tmp / "meta.json").write_text(meta.to_json())
-        _publish(tmp, out_dir, overwrite)
+        publish(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,13 +177,19 @@ def _write_split(directory: Path, split: str, rows_NW: np.ndarray, rows_per_shar
     """Write rows [N, W] into shards of at most `rows_per_shard` rows."""
     shards = []
     for i, start in enumerate(range(0, len(rows_NW), rows_per_shard)):
-        chunk = np.ascontiguousarray(rows_NW[start: start + rows_per_shard])
-        tokens = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), chunk.shape[1])
-        table = pa.table({"tokens": tokens}).replace_schema_metadata(_footer_metadata(meta))
         name = f"{split}-{i:05d}.parquet"
-        pq.write_table(table, directory / name)
-        shards.append(Shard(file=name, rows=len(chunk)))
+        shards.append(write_shard(directory / name, rows_NW[start: start + rows_per_shard],
+                                  footer_metadata(meta)))
     return shards
+
+
+def write_shard(path: Path, rows_NW: np.ndarray, footer: dict[bytes, bytes]) -> Shard:
+    """One shard file: rows int32 [N, W] as column `tokens`, `footer` in the file metadata."""
+    chunk = np.ascontiguousarray(rows_NW, dtype=np.int32)
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), chunk.shape[1])
+    table = pa.table({"tokens": tokens}).replace_schema_metadata(footer)
+    pq.write_table(table, path)
+    return Shard(file=path.name, rows=len(chunk))
 
 
 def _occupied(path: Path) -> bool:
@@ -192,7 +204,7 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
                               "(--overwrite) to replace it")
 
 
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+def publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if overwrite and _occupied(out_dir):
         # A non-empty directory cannot be renamed over: move the old one aside first.
         old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
@@ -209,6 +221,9 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         # Another process published the same dataset while we were writing.
         raise FileExistsError(f"data path '{out_dir}' already exists; pass overwrite=True "
                               "(--overwrite) to replace it") from err
+
+
+_publish = publish  # the name other writers (samples.py) import
 
 
 # ---------------------------------------------------------------------------- reading
@@ -235,7 +250,7 @@ def read_meta(path: str | Path, check_shards: bool = True) -> DatasetMeta:
     if not check_shards:
         return meta
 
-    expected_footer = _footer_metadata(meta)
+    expected_footer = footer_metadata(meta)
     for split in SPLITS:
         shards = meta.shards[split]
         if not shards:
