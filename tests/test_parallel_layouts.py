@@ -61,7 +61,8 @@ class RecordingSGD(torch.optim.SGD):
 
     def __init__(self, model):
         super().__init__(model.parameters(), lr=LR)
-        self.names = {id(p): n for n, p in model.named_parameters()}
+        # the activation-checkpointing wrapper's prefix is not part of the keys (state_dict strips it too)
+        self.names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
         self.first_grads: dict | None = None
 
     def step(self, closure=None):
