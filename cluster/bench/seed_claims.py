@@ -110,12 +110,12 @@ def _segment_forward(model, tokens_BT: torch.Tensor, segment: int | None) -> tor
     return x @ model.embed.weight.t()
 
 
-def measure_checkpointing(depths: list[int], T: int, batch: int) -> dict:
+def measure_checkpointing(depths: list[int], T: int, batch: int, d_model: int = 128) -> dict:
     """Peak live bytes of forward + backward at each depth; weights and their gradients excluded
     (gradients are set to None and their bytes subtracted: they grow with depth whatever the mode)."""
     rows = []
     for L in depths:
-        model = _build("transformer", n_layers=L, d_model=128, n_heads=4, max_seq_len=T)
+        model = _build("transformer", n_layers=L, d_model=d_model, n_heads=4, max_seq_len=T)
         tokens = torch.randint(0, VOCAB, (batch, T + 1), generator=torch.Generator().manual_seed(2))
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         row = dict(depth=L, grad_bytes=grad_bytes)
@@ -132,20 +132,24 @@ def measure_checkpointing(depths: list[int], T: int, batch: int) -> dict:
         print(f"[claims] checkpointing depth {L:3d}: activations none {row['none'] / 2**20:7.1f} MiB, per block "
               f"{row['per_block'] / 2**20:7.1f}, sqrt segments ({row['segment']}) {row['sqrt_segments'] / 2**20:7.1f}",
               file=sys.stderr, flush=True)
-    return dict(seq_len=T, batch=batch, d_model=128, rows=rows,
+    return dict(seq_len=T, batch=batch, d_model=d_model, rows=rows,
                 method="LiveBytes peak of one forward+backward minus the parameters' gradient bytes")
 
 
-def measure_performer(lens: list[int], repeats: int) -> dict:
+def measure_performer(lens: list[int], repeats: int, dense_lens: list[int] | None = None) -> dict:
+    """Forward time (every repeat, interleaved) and peak live bytes per length; the dense model at
+    `dense_lens` only (its T^2 work is what a loaded machine cannot afford at 16K)."""
+    dense_lens = lens if dense_lens is None else dense_lens
     rows = []
     models = {"performer": _build("performer", max_seq_len=max(lens)), "dense": _build("transformer", max_seq_len=max(lens))}
     for m in models.values():
         m.eval()
-    for T in lens:
+    for i, T in enumerate(lens):
         tokens = torch.randint(0, VOCAB, (1, T), generator=torch.Generator().manual_seed(3))
+        here = {n: m for n, m in models.items() if n == "performer" or T in dense_lens}
         with torch.no_grad():
-            times = _median_times({n: (lambda m=m: m(tokens)) for n, m in models.items()}, repeats)
-            for name, m in models.items():
+            times = _median_times({n: (lambda m=m: m(tokens)) for n, m in here.items()}, repeats, warmup=1 if i == 0 else 0)
+            for name, m in here.items():
                 rows.append(dict(model=name, seq_len=T, seconds=times[name], seconds_median=statistics.median(times[name]),
                                  peak_bytes=peak_bytes(lambda m=m: m(tokens))))
                 print(f"[claims] {name:9s} T={T:6d} forward {1e3 * rows[-1]['seconds_median']:8.1f} ms, peak "
@@ -189,15 +193,20 @@ def measure_mixed_precision(steps: int) -> dict:
 
 
 def measure(quick: bool) -> dict:
+    """Every measurement; `quick` (for a loaded machine, one thread) uses smaller shapes and fewer
+    repeats, keeps the Performer's lengths up to 16K and stops the dense reference at 4K."""
+    if quick:
+        torch.set_num_threads(1)
     load0, t0 = os.getloadavg(), time.perf_counter()
-    threads = torch.get_num_threads()
-    result = dict(meta=dict(quick=quick, threads=threads, torch=torch.__version__, device="cpu", dtype="fp32",
-                            loadavg_start=load0))
-    result["moe_compute"] = measure_moe_compute(T=256, batch=4 if quick else 8, repeats=3 if quick else 7)
+    result = dict(meta=dict(quick=quick, threads=torch.get_num_threads(), torch=torch.__version__, device="cpu",
+                            dtype="fp32", loadavg_start=load0))
+    result["moe_compute"] = measure_moe_compute(T=128 if quick else 256, batch=2 if quick else 8, repeats=3 if quick else 7)
     result["checkpointing"] = measure_checkpointing([2, 4, 8, 16] if quick else [2, 4, 8, 16, 32],
-                                                    T=128 if quick else 256, batch=4)
-    result["performer"] = measure_performer([1024, 2048, 4096, 8192, 16384] if not quick else [1024, 2048, 4096, 8192, 16384],
-                                            repeats=1 if quick else 3)
-    result["mixed_precision"] = measure_mixed_precision(20 if quick else 60)
+                                                    T=64 if quick else 256, batch=2 if quick else 4,
+                                                    d_model=64 if quick else 128)
+    lens = [1024, 2048, 4096, 8192, 16384]
+    result["performer"] = measure_performer(lens, repeats=1 if quick else 3,
+                                            dense_lens=[1024, 2048, 4096] if quick else lens)
+    result["mixed_precision"] = measure_mixed_precision(6 if quick else 40)
     result["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.perf_counter() - t0)
     return result
