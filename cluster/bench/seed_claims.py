@@ -91,7 +91,7 @@ def _segment_forward(model, tokens_BT: torch.Tensor, segment: int | None) -> tor
     """The transformer's forward with blocks checkpointed in groups of `segment` (None: none)."""
     T = tokens_BT.shape[1]
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = model.embed(tokens_BT)
+    x = model.embed(tokens_BT).requires_grad_(True)  # frozen weights: backward starts from here
     blocks = list(model.layers.values())
 
     def run(x, group):
@@ -111,21 +111,21 @@ def _segment_forward(model, tokens_BT: torch.Tensor, segment: int | None) -> tor
 
 
 def measure_checkpointing(depths: list[int], T: int, batch: int, d_model: int = 128) -> dict:
-    """Peak live bytes of forward + backward at each depth; weights and their gradients excluded
-    (gradients are set to None and their bytes subtracted: they grow with depth whatever the mode)."""
+    """Peak live bytes of forward + backward at each depth: activations and their gradients only.
+    The weights are frozen and the gradient flows from the loss to the embedding output, so
+    parameter gradients (which grow with depth whatever the mode, and appear during backward)
+    do not blur the activation figure."""
     rows = []
     for L in depths:
-        model = _build("transformer", n_layers=L, d_model=d_model, n_heads=4, max_seq_len=T)
+        model = _build("transformer", n_layers=L, d_model=d_model, n_heads=4, max_seq_len=T).requires_grad_(False)
         tokens = torch.randint(0, VOCAB, (batch, T + 1), generator=torch.Generator().manual_seed(2))
-        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        row = dict(depth=L, grad_bytes=grad_bytes)
+        row = dict(depth=L)
         for mode, segment in (("none", None), ("per_block", 1), ("sqrt_segments", max(1, round(math.sqrt(L))))):
             def step():
-                model.zero_grad(set_to_none=True)
                 logits = _segment_forward(model, tokens[:, :-1], segment)
                 F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
             step()  # warm-up: lazily built state is not an activation
-            row[mode] = peak_bytes(step) - grad_bytes
+            row[mode] = peak_bytes(step)
             if mode == "sqrt_segments":
                 row["segment"] = segment
         rows.append(row)
@@ -133,7 +133,7 @@ def measure_checkpointing(depths: list[int], T: int, batch: int, d_model: int = 
               f"{row['per_block'] / 2**20:7.1f}, sqrt segments ({row['segment']}) {row['sqrt_segments'] / 2**20:7.1f}",
               file=sys.stderr, flush=True)
     return dict(seq_len=T, batch=batch, d_model=d_model, rows=rows,
-                method="LiveBytes peak of one forward+backward minus the parameters' gradient bytes")
+                method="LiveBytes peak of one forward+backward, weights frozen (activations and their gradients)")
 
 
 def measure_performer(lens: list[int], repeats: int, dense_lens: list[int] | None = None) -> dict:
@@ -192,21 +192,31 @@ def measure_mixed_precision(steps: int) -> dict:
                 runs=out)
 
 
-def measure(quick: bool) -> dict:
+PARTS = ("moe_compute", "checkpointing", "performer", "mixed_precision")
+
+
+def measure(quick: bool, parts: tuple[str, ...] = PARTS, previous: dict | None = None) -> dict:
     """Every measurement; `quick` (for a loaded machine, one thread) uses smaller shapes and fewer
     repeats, keeps the Performer's lengths up to 16K and stops the dense reference at 4K."""
     if quick:
         torch.set_num_threads(1)
     load0, t0 = os.getloadavg(), time.perf_counter()
-    result = dict(meta=dict(quick=quick, threads=torch.get_num_threads(), torch=torch.__version__, device="cpu",
-                            dtype="fp32", loadavg_start=load0))
-    result["moe_compute"] = measure_moe_compute(T=128 if quick else 256, batch=2 if quick else 8, repeats=3 if quick else 7)
-    result["checkpointing"] = measure_checkpointing([2, 4, 8, 16] if quick else [2, 4, 8, 16, 32],
-                                                    T=64 if quick else 256, batch=2 if quick else 4,
-                                                    d_model=64 if quick else 128)
+    result = dict(previous or {})
+    result["meta"] = dict(quick=quick, threads=torch.get_num_threads(), torch=torch.__version__, device="cpu",
+                          dtype="fp32", loadavg_start=load0, parts=list(parts),
+                          previous_meta=(previous or {}).get("meta"))
     lens = [1024, 2048, 4096, 8192, 16384]
-    result["performer"] = measure_performer(lens, repeats=1 if quick else 3,
-                                            dense_lens=[1024, 2048, 4096] if quick else lens)
-    result["mixed_precision"] = measure_mixed_precision(6 if quick else 40)
+    runs = {
+        "moe_compute": lambda: measure_moe_compute(T=128 if quick else 256, batch=2 if quick else 8,
+                                                   repeats=3 if quick else 7),
+        "checkpointing": lambda: measure_checkpointing([2, 4, 8, 16] if quick else [2, 4, 8, 16, 32],
+                                                       T=64 if quick else 256, batch=2 if quick else 4,
+                                                       d_model=64 if quick else 128),
+        "performer": lambda: measure_performer(lens, repeats=1 if quick else 3,
+                                               dense_lens=[1024, 2048, 4096] if quick else lens),
+        "mixed_precision": lambda: measure_mixed_precision(6 if quick else 40),
+    }
+    for part in parts:
+        result[part] = runs[part]()
     result["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.perf_counter() - t0)
     return result
