@@ -276,12 +276,16 @@ def moe_compute(inputs: dict, out_dir: Path) -> Result:
     detail.append(f"MoE: {moe['parameters']:,} params, {m['experts']} experts of hidden {m['expert_hidden']}, top-{m['top_k']}; "
                   f"FLOPs per token: matmul 2 x active parameters + causal attention")
     return Result(verdict, figure, f"`jobs.bench claims --measure`: `small` presets, forward (eval) of {m['batch']} x "
-                  f"{m['seq_len']} tokens, fp32 CPU, backend {m['backend']}, {m['repeats']} interleaved repeats" + _seed_note(inputs),
+                  f"{m['seq_len']} tokens, fp32 CPU, backend {m['backend']}, {m['repeats']} interleaved repeats" + _seed_note(inputs, "moe_compute"),
                   detail)
 
 
-def _seed_note(inputs: dict) -> str:
+def _seed_note(inputs: dict, part: str) -> str:
+    """Quick mode, threads and load of the run that measured `part` (a --parts run keeps the meta of
+    the run before it as previous_meta)."""
     meta = inputs["seed"]["meta"]
+    while part not in meta.get("parts", [part]) and meta.get("previous_meta"):
+        meta = meta["previous_meta"]
     return (f"; {'quick mode, ' if meta.get('quick') else ''}{meta['threads']} threads, load average "
             f"{meta['loadavg_start'][0]:.1f} -> {meta['loadavg_end'][0]:.1f}")
 
@@ -295,7 +299,7 @@ def mixed_precision(inputs: dict, out_dir: Path) -> Result:
     gpu = inputs.get("gpu")
     detail = [f"fp32 loss {ref[0]:.4f} -> {ref[-1]:.4f} over {len(ref)} steps"]
     mp = inputs["seed"]["mixed_precision"]
-    method = f"`jobs.bench claims --measure`: {mp['model']}, {mp['batch']} per step, AdamW, the same init and batches" + _seed_note(inputs)
+    method = f"`jobs.bench claims --measure`: {mp['model']}, {mp['batch']} per step, AdamW, the same init and batches" + _seed_note(inputs, "mixed_precision")
     if gpu and "mixed_precision_speedup" in gpu:
         s = gpu["mixed_precision_speedup"]
         figure += f"; speed on {gpu.get('device', 'GPU')}: {s:.2f}x"
@@ -330,7 +334,7 @@ def checkpointing(inputs: dict, out_dir: Path) -> Result:
                       f"({last['per_block'] / 2**20:.1f} vs {last['sqrt_segments'] / 2**20:.1f} MiB): a block's input is "
                       "small against one segment's recomputed activations until n is far larger")
     return Result(verdict, figure, f"`jobs.bench claims --measure`: transformer d_model {c['d_model']}, {c['batch']} x "
-                  f"{c['seq_len']} tokens, {c['method']}" + _seed_note(inputs), detail, [plot] if plot else [])
+                  f"{c['seq_len']} tokens, {c['method']}" + _seed_note(inputs, "checkpointing"), detail, [plot] if plot else [])
 
 
 def performer(inputs: dict, out_dir: Path) -> Result:
@@ -355,7 +359,7 @@ def performer(inputs: dict, out_dir: Path) -> Result:
     detail.append(f"T = {T[0]} .. {T[-1]}, batch 1, eval forward; time exponent: log-log fit over the lengths")
     verdict = HOLDS if t["median"] <= 1.2 and mem.exponent <= 1.2 else FAILS
     return Result(verdict, figure, f"`jobs.bench claims --measure`: `small` performer and transformer presets, fp32, "
-                  f"{p['repeats']} interleaved repeat(s)" + _seed_note(inputs), detail, [x for x in plots if x])
+                  f"{p['repeats']} interleaved repeat(s)" + _seed_note(inputs, "performer"), detail, [x for x in plots if x])
 
 
 def _plot(out_dir: Path | None, name: str, title: str, xlabel: str, ylabel: str, series: dict) -> str | None:

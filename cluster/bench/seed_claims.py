@@ -202,9 +202,11 @@ def measure(quick: bool, parts: tuple[str, ...] = PARTS, previous: dict | None =
         torch.set_num_threads(1)
     load0, t0 = os.getloadavg(), time.perf_counter()
     result = dict(previous or {})
+    previous_meta = (previous or {}).get("meta")
+    if previous_meta is not None and "parts" not in previous_meta:
+        previous_meta = {**previous_meta, "parts": list(PARTS)}  # a full run
     result["meta"] = dict(quick=quick, threads=torch.get_num_threads(), torch=torch.__version__, device="cpu",
-                          dtype="fp32", loadavg_start=load0, parts=list(parts),
-                          previous_meta=(previous or {}).get("meta"))
+                          dtype="fp32", loadavg_start=load0, parts=list(parts), previous_meta=previous_meta)
     lens = [1024, 2048, 4096, 8192, 16384]
     runs = {
         "moe_compute": lambda: measure_moe_compute(T=128 if quick else 256, batch=2 if quick else 8,
