@@ -143,7 +143,6 @@ class ExpertChoiceRouter(nn.Module):
                        counts_E=torch.full((cfg.num_experts,), C, device=x_NC.device, dtype=torch.long),
                        capacity_bounded=True)
 
-
     def _token_choice(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor) -> Routing:
         """Causal evaluation: token n's experts and weights depend on token n alone."""
         cfg, N = self.cfg, probs_NE.shape[0]
