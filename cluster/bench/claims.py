@@ -295,7 +295,7 @@ def mixed_precision(inputs: dict, out_dir: Path) -> Result:
     ref = np.array(runs["fp32"]["losses"])
     diffs = {p: float(np.max(np.abs(np.array(r["losses"]) - ref) / ref)) for p, r in runs.items() if p != "fp32"}
     figure = "numerics: the largest relative gap to the fp32 loss curve: " + ", ".join(
-        f"{p} {100 * d:.2f}%" for p, d in diffs.items())
+        f"{p} {100 * d:.3f}%" for p, d in diffs.items())
     gpu = inputs.get("gpu")
     detail = [f"fp32 loss {ref[0]:.4f} -> {ref[-1]:.4f} over {len(ref)} steps"]
     mp = inputs["seed"]["mixed_precision"]
