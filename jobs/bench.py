@@ -12,6 +12,8 @@
   python -m jobs.bench deploy --out FILE         # sizes, perplexity, ONNX Runtime latency, generation (cluster/bench/deploy.py)
   python -m jobs.bench tasks [--quick]           # forecasters (hybrid vs plain) and image-text fusion variants (cluster/bench/tasks.py)
   python -m jobs.bench data [--sizes 200MB]      # data preparation on Ray Data, 1 vs 2 CPUs, vs one process (cluster/bench/data.py)
+  python -m jobs.bench claims --measure [--quick]  # the seed's claims no other benchmark measures (cluster/bench/seed_claims.py)
+  python -m jobs.bench claims --out docs/claims.md # the claims report from every benchmark's JSON (cluster/bench/claims.py)
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -38,7 +40,8 @@ def print_table(results: list[dict]) -> None:
 
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
-               "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data"}
+               "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data",
+               "claims": "cluster.bench.claims"}
 
 
 def main(argv=None) -> int:

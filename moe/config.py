@@ -12,15 +12,15 @@ class MoEConfig:
     num_experts: Annotated[int, "routed experts per MoE layer"] = 8
     top_k: Annotated[int, "experts per token (token-choice routing)"] = 2
     expert_hidden: Annotated[int, "hidden width of each expert's SwiGLU MLP"] = 256
-    router: Annotated[Literal["topk", "expert_choice"], "token-choice top-k, or expert-choice (each expert takes its top-C tokens; non-causal: training only)"] = "topk"
+    router: Annotated[Literal["topk", "expert_choice"], "token-choice top-k, or expert-choice (each expert takes its top-C tokens of the micro-batch, so training looks ahead; evaluation routes each token to its top_k over the same scores, causally; cannot generate)"] = "topk"
     score_func: Annotated[Literal["softmax", "sigmoid"], "router score function"] = "softmax"
     renormalize: Annotated[bool, "rescale the kept top-k weights to sum to 1 (not for top-1 softmax, whose weight would always be 1)"] = True
     jitter: Annotated[float, "multiplicative uniform jitter on the router input in training (Switch); 0 = off"] = 0.0
     num_groups: Annotated[int | None, "group-limited routing: experts split into this many groups; null = off"] = None
     group_topk: Annotated[int | None, "groups a token may route into (group-limited routing)"] = None
-    capacity_factor: Annotated[float | None, "C = ceil(capacity_factor * T * k / E) per expert over a rank's tokens in training; null = dropless"] = None
+    capacity_factor: Annotated[float | None, "C = ceil(capacity_factor * T * k / E) per expert over a rank's micro-batch in training (evaluation is dropless); with drop_policy score a token can be dropped because of later tokens; null = dropless (causal)"] = None
     min_capacity: Annotated[int, "lower bound on C"] = 4
-    drop_policy: Annotated[Literal["score", "position"], "which overflowing copies are dropped: lowest score, or latest position"] = "score"
+    drop_policy: Annotated[Literal["score", "position"], "which overflowing copies are dropped in training: lowest score (ranks the whole micro-batch, so later tokens can drop an earlier one: looks ahead), or latest position (a copy is kept or dropped by the copies before it in micro-batch order only, never by a later token of its sequence: training stays causal within a sequence)"] = "score"
     aux_loss_coeff: Annotated[float, "Switch load-balancing loss E * sum_e f_e * P_e (per micro-batch); 0 = off"] = 1e-2
     seq_aux_loss_coeff: Annotated[float, "the same loss per sequence, averaged; 0 = off"] = 0.0
     z_loss_coeff: Annotated[float, "router z-loss mean(logsumexp(logits)^2); 0 = off"] = 1e-3

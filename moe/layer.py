@@ -9,7 +9,7 @@ from moe.dispatcher import LocalDispatcher
 from moe.experts import GroupedExperts, SwiGLU
 from moe.losses import attach_aux_loss, router_losses
 from moe.router import build_router, capacity
-from moe.stats import StepStats
+from moe.stats import StepStats, recomputing
 
 
 class MoELayer(nn.Module):
@@ -47,7 +47,9 @@ class MoELayer(nn.Module):
             losses = router_losses(routing, self.cfg, T)
             if torch.is_grad_enabled() and losses["total"].requires_grad:
                 out_NC = attach_aux_loss(out_NC, losses["total"], self.aux_loss_scale)
-            self.stats.add(routing.counts_E, B * T, d.dropped, routing.probs_NE, {**losses, "aux_total": losses["total"]})
+            if not recomputing():  # a recomputed forward (activation checkpointing) was counted already
+                self.stats.add(routing.counts_E, B * T, d.dropped, routing.probs_NE,
+                               {**losses, "aux_total": losses["total"]})
         return out_NC.view(B, T, C)
 
     @torch.no_grad()

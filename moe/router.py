@@ -115,7 +115,14 @@ def group_limit(select_NE: torch.Tensor, num_groups: int, group_topk: int) -> to
 
 class ExpertChoiceRouter(nn.Module):
     """Each expert picks its top-C tokens of the micro-batch (Zhou et al. 2022): balanced by
-    construction, but a token's routing depends on the other tokens, future ones included."""
+    construction, but a token's routing depends on the other tokens, future ones included.
+
+    So only training routes by expert choice. In evaluation (`self.training` False) each token
+    takes its own top-k experts (k = `top_k`, the same mean copies per token as C = cf * N * k / E
+    gives) over the same softmax scores, weighted by the raw probability as in training: the
+    validation loss and perplexity of such a model are causal, measured on a token-choice
+    reading of its router, and never see a later token.
+    """
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
@@ -126,6 +133,8 @@ class ExpertChoiceRouter(nn.Module):
         cfg, N = self.cfg, x_NC.shape[0]
         logits_NE = gate_logits(self.gate, x_NC)
         probs_NE = logits_NE.softmax(-1)
+        if not self.training:
+            return self._token_choice(logits_NE, probs_NE)
         C = min(capacity(N, cfg), N)
         top = probs_NE.t().topk(C, dim=-1)  # [E, C]
         expert_A = torch.arange(cfg.num_experts, device=x_NC.device).repeat_interleave(C)
@@ -133,6 +142,16 @@ class ExpertChoiceRouter(nn.Module):
                        priority_A=top.values.detach().reshape(-1), probs_NE=probs_NE, logits_NE=logits_NE,
                        counts_E=torch.full((cfg.num_experts,), C, device=x_NC.device, dtype=torch.long),
                        capacity_bounded=True)
+
+    def _token_choice(self, logits_NE: torch.Tensor, probs_NE: torch.Tensor) -> Routing:
+        """Causal evaluation: token n's experts and weights depend on token n alone."""
+        cfg, N = self.cfg, probs_NE.shape[0]
+        top = probs_NE.topk(cfg.top_k, dim=-1)  # [N, K]
+        expert_A = top.indices.reshape(-1)
+        return Routing(token_A=torch.arange(N, device=probs_NE.device).repeat_interleave(cfg.top_k),
+                       expert_A=expert_A, weight_A=top.values.reshape(-1), priority_A=top.values.detach().reshape(-1),
+                       probs_NE=probs_NE, logits_NE=logits_NE,
+                       counts_E=torch.bincount(expert_A, minlength=cfg.num_experts), capacity_bounded=False)
 
 
 ROUTERS = {"topk": TopKRouter, "expert_choice": ExpertChoiceRouter}

@@ -15,6 +15,14 @@ import torch.nn as nn
 SCALARS = ("forwards", "tokens", "assignments", "dropped", "entropy_sum", "lb_loss", "seq_lb_loss", "z_loss", "aux_total")
 
 
+def recomputing() -> bool:
+    """True while the autograd engine runs a backward pass. A layer's forward called then is
+    activation checkpointing recomputing its block (torch.utils.checkpoint re-runs the forward
+    inside backward, reentrant or not); its statistics were already counted by the first forward.
+    NOTE: torch has no public flag for this; the graph-task id is -1 outside backward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class StepStats:
     """Running sums of one layer for the current step: counts per expert, then SCALARS."""
 

@@ -198,3 +198,28 @@ def test_report_writes_pngs_and_rejects_a_run_without_metrics(tmp_path):
     assert [p.name for p in paths] == ["loss.png", "expert_load_layer0.png", "expert_load_layer1.png", "balance.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------ MFU denominator
+
+@pytest.mark.parametrize("device_name, entry, tflops", [
+    ("NVIDIA A100-SXM4-80GB", "A100", 312), ("NVIDIA A100 80GB PCIe", "A100", 312),
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989), ("NVIDIA H100 PCIe", "H100 PCIe", 756),
+    ("NVIDIA H100 NVL", "H100 NVL", 835), ("NVIDIA H200", "H200", 989), ("NVIDIA H200 NVL", "H200 NVL", 835),
+    ("NVIDIA B200", "B200", 2250), ("NVIDIA GB200", "GB200", 2500),
+])
+def test_mfu_peak_comes_from_the_datasheet_table_by_device_name(device_name, entry, tflops):
+    from cluster.train.metrics import known_accelerator, peak_flops
+
+    assert known_accelerator(device_name).name == entry
+    peak = peak_flops("cpu", device_name=device_name)  # the name decides, not the device type
+    assert (peak.basis, round(peak.flops / 1e12)) == ("datasheet", tflops) and "datasheet" in peak.what
+
+
+def test_mfu_peak_configured_wins_and_cpu_is_labelled_measured():
+    from cluster.train.metrics import known_accelerator, peak_flops
+
+    assert peak_flops("cpu", configured=123e12, device_name="NVIDIA H100 80GB HBM3").basis == "configured"
+    assert known_accelerator("NVIDIA A10") is None and known_accelerator("Tesla V100-SXM2-16GB") is None
+    cpu = peak_flops("cpu")
+    assert cpu.basis == "measured" and cpu.flops > 0 and "measured" in cpu.what

@@ -272,14 +272,83 @@ def test_moe_layers_placement():
     assert [type(model.layers[str(i)].mlp).__name__ for i in range(4)] == ["SwiGLU", "MoELayer", "SwiGLU", "MoELayer"]
 
 
-def test_moe_model_is_causal_in_evaluation_with_capacity_on():
-    model, _ = moe_model(capacity_factor=0.5)
+ROUTER_OPTIONS = {  # every router option, each with capacity on (training would drop)
+    "topk_softmax_score_drop": dict(capacity_factor=0.5, drop_policy="score"),
+    "topk_softmax_position_drop": dict(capacity_factor=0.5, drop_policy="position"),
+    "top1_softmax_no_renorm": dict(top_k=1, renormalize=False, capacity_factor=0.5),
+    "topk_sigmoid_jitter": dict(score_func="sigmoid", jitter=0.1, capacity_factor=0.5),
+    "group_limited": dict(num_experts=8, num_groups=4, group_topk=2, capacity_factor=0.5),
+    "bias_balancing": dict(bias_update_rate=0.1, capacity_factor=0.5),
+    "shared_expert": dict(shared_expert_hidden=16, capacity_factor=0.5),
+    "expert_choice": dict(router="expert_choice", capacity_factor=1.0),
+    "expert_choice_tight": dict(router="expert_choice", capacity_factor=0.25, min_capacity=1),
+}
+
+
+@pytest.mark.parametrize("option", list(ROUTER_OPTIONS))
+def test_evaluation_logits_are_causal_for_every_router(option):
+    """Changing a later token never changes an earlier position's evaluation logits (each row's
+    change at position 25 of 40, in a batch of 2, so other sequences' tokens change too)."""
+    model, _ = moe_model(**ROUTER_OPTIONS[option])
+    if option == "bias_balancing":  # a non-zero selection bias, as after some training
+        for layer in moe_layers(model):
+            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, layer.cfg.num_experts))
     model.eval()
-    x = torch.randint(0, 50, (2, 40))
-    base = model(x)
-    y = x.clone()
-    y[:, 25] = (y[:, 25] + 1) % 50
-    torch.testing.assert_close(model(y)[:, :25], base[:, :25], rtol=0, atol=0)
+    x = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x)
+        for t in (25, 39):
+            y = x.clone()
+            y[:, t] = (y[:, t] + 1) % 50
+            torch.testing.assert_close(model(y)[:, :t], base[:, :t], rtol=0, atol=0)
+            y = x.clone()
+            y[1] = (y[1] + 7) % 50  # the other sequence of the batch changes entirely
+            torch.testing.assert_close(model(y)[0], base[0], rtol=0, atol=0)
+
+
+def test_expert_choice_training_routing_does_look_ahead():
+    """The reason evaluation routes by token choice: in training, expert choice does see later tokens."""
+    model, _ = moe_model(router="expert_choice", capacity_factor=0.25, min_capacity=1)
+    model.train()
+    x = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x)
+        y = x.clone()
+        y[:, 20:] = (y[:, 20:] + 1) % 50
+        assert (model(y)[:, :20] - base[:, :20]).abs().max() > 0
+
+
+@pytest.mark.parametrize("policy, looks_ahead", [("score", True), ("position", False)])
+def test_training_capacity_drops_look_ahead_only_by_score(policy, looks_ahead):
+    """What the help of drop_policy says: in training, with capacity, `score` lets later tokens
+    drop an earlier one; `position` never does. The later half of the second sequence changes;
+    what comes before it in the micro-batch (all of sequence 0, the first half of sequence 1)
+    must not, under `position`. (Under `position` a sequence still depends on the sequences
+    before it in the micro-batch: causal within a sequence, not independent of the others.)"""
+    model, _ = moe_model(capacity_factor=0.5, drop_policy=policy)
+    model.train()
+    x = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(x)
+        changed = 0.0
+        for shift in range(1, 6):
+            y = x.clone()
+            y[1, 20:] = (y[1, 20:] + shift) % 50
+            out = model(y)
+            changed = max(changed, (out[0] - base[0]).abs().max().item(), (out[1, :20] - base[1, :20]).abs().max().item())
+    assert (changed > 0) == looks_ahead
+
+
+def test_expert_choice_evaluation_is_token_choice_over_the_same_scores():
+    layer = make_layer(router="expert_choice", capacity_factor=1.0).eval()
+    x_NC = torch.randn(12, 16)
+    with torch.no_grad():
+        r = layer.router(x_NC)
+        probs_NE = (x_NC @ layer.router.gate.weight.t()).softmax(-1)
+        top = probs_NE.topk(2, dim=-1)
+        assert torch.equal(r.expert_A, top.indices.reshape(-1))
+        torch.testing.assert_close(r.weight_A, top.values.reshape(-1))
+        assert torch.equal(r.token_A, torch.arange(12).repeat_interleave(2))
 
 
 def batches(steps, seed=0):

@@ -61,7 +61,8 @@ class RecordingSGD(torch.optim.SGD):
 
     def __init__(self, model):
         super().__init__(model.parameters(), lr=LR)
-        self.names = {id(p): n for n, p in model.named_parameters()}
+        # the activation-checkpointing wrapper's prefix is not part of the keys (state_dict strips it too)
+        self.names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
         self.first_grads: dict | None = None
 
     def step(self, closure=None):
@@ -81,12 +82,26 @@ def build(cfg, seed=0):
     return archs.build(cfg)
 
 
-def reference(cfg, data, steps=STEPS):
+def reference(cfg, data, steps=STEPS, split: int | None = None):
+    """The single process on every rank's micro-batches in turn; `split` re-cuts each rank's
+    sequences into that many micro-batches first (what a pipeline with `parallel.microbatches`
+    feeds its layers: MoE capacity and auxiliary losses are per layer call)."""
     model = build(cfg)
     opt = RecordingSGD(model)
-    results = [train_step(model, ArrayLM(), [mb for rank in data[s] for mb in rank], opt, DynamicLossScaler(False),
-                          "fp32", CPU, 1.0, _moe_layout(cfg)) for s in range(steps)]
+
+    def micro(rank_mbs):
+        return rank_mbs if split is None else np.array_split(np.concatenate(rank_mbs), split)
+
+    results = [train_step(model, ArrayLM(), [mb for rank in data[s] for mb in micro(rank)], opt,
+                          DynamicLossScaler(False), "fp32", CPU, 1.0, _moe_layout(cfg)) for s in range(steps)]
     return model, opt, results
+
+
+def _moe_counts(result) -> list[list[float]]:
+    """Per MoE layer: tokens per expert (before dropping) and copies dropped, of one step."""
+    if not result.moe:
+        return []
+    return [[*layer["tokens_per_expert"], layer["dropped_frac"]] for layer in result.moe["layers"]]
 
 
 def _moe_layout(cfg):
@@ -99,7 +114,8 @@ def _layout_worker(rank, world, layout, cfg, data, out):
                               pp=layout.get("pp", 1), model_cfg=cfg)
     groups = build_groups(dims, rank)
     par = parallel.apply(build(cfg), groups, CPU, schedule=layout.get("schedule", "1f1b"),
-                         microbatches=layout.get("microbatches"), pp_split=layout.get("pp_split"))
+                         microbatches=layout.get("microbatches"), pp_split=layout.get("pp_split"),
+                         activation_checkpointing=layout.get("activation_checkpointing", False))
     opt = RecordingSGD(par.model)
     dp_rank = dims.coords(rank)[1]
     res = [train_step(par, ArrayLM(), data[s][dp_rank], opt, DynamicLossScaler(False), "fp32", CPU, 1.0,
@@ -107,18 +123,21 @@ def _layout_worker(rank, world, layout, cfg, data, out):
     layers = moe_layers(par.model)
     torch.save({"losses": [r.loss for r in res], "aux": [r.aux_loss for r in res],
                 "grad_norms": [r.grad_norm for r in res], "grads": opt.first_grads,
+                "moe": [_moe_counts(r) for r in res],
                 "state": {k: full(v) for k, v in par.model.state_dict().items()},
                 "expert_offset": layers[0].experts.expert_offset if layers and hasattr(layers[0].experts, "expert_offset")
                 else 0}, f"{out}/rank{rank}.pt")
 
 
 def check_layout(tmp_path, world: int, cfg, layout: dict, micro: int = 2, grad_keys: tuple = ()):
-    """Run `layout` on `world` gloo ranks and compare with the single process. Returns the reference
-    (model, optimizer) and every rank's saved results."""
+    """Run `layout` on `world` gloo ranks and compare with the single process: losses, gradient
+    norms, auxiliary losses and MoE statistics (tokens per expert, dropped share) per step,
+    first-step gradients, final weights. Returns the reference (model, optimizer) and every
+    rank's saved results."""
     dims = ParallelDims.build(world, layout.get("ep", 1), num_experts(cfg), tp=layout.get("tp", 1),
                               pp=layout.get("pp", 1), model_cfg=cfg)
     data = step_data(dims.dp, micro)
-    ref_model, ref_opt, ref = reference(cfg, data)
+    ref_model, ref_opt, ref = reference(cfg, data, split=layout.get("microbatches"))
     spawn(_layout_worker, world, layout, cfg, data, str(tmp_path))
     ref_state = ref_model.state_dict()
     n_local = cfg.moe.num_experts // dims.ep if getattr(cfg, "moe", None) else 0
@@ -129,6 +148,8 @@ def check_layout(tmp_path, world: int, cfg, layout: dict, micro: int = 2, grad_k
         np.testing.assert_allclose(got["grad_norms"], [r.grad_norm for r in ref], rtol=1e-4, atol=1e-6)
         if ref[0].aux_loss is not None:
             np.testing.assert_allclose(got["aux"], [r.aux_loss for r in ref], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(got["moe"], [_moe_counts(r) for r in ref], rtol=0, atol=1e-9,
+                                       err_msg=f"rank {rank}: MoE statistics (tokens per expert, dropped share)")
 
         def want(key, table):
             value = table[key]

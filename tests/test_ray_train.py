@@ -52,6 +52,11 @@ def test_two_worker_run_end_to_end(straight):
     assert on_disk["world_size"] == 2
     assert on_disk["last_val_loss"] < on_disk["first_val_loss"]
     assert sorted(step_losses(read_metrics(run_dir))) == list(range(1, STEPS + 1))
+    records = read_metrics(run_dir)
+    launch = next(r for r in records if r.get("event") == "launch_start")
+    assert launch["peak_basis"] == "measured" and launch["peak_flops"] == launch["achievable_flops"] > 0  # CPU
+    windows = [r for r in records if "mfu" in r]
+    assert windows and all(r["mfu_basis"] == "measured" and r["mfu"] == r["mfu_achievable"] > 0 for r in windows)
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == [checkpoint.dir_name(STEPS), checkpoint.dir_name(HALF)]
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "meta.json").is_file()
 

@@ -7,7 +7,9 @@ Each layout runs as 2 spawned gloo processes (1 thread each, CPU fp32) training 
 the same global batch as one process (1 thread); "loss diff" is the largest per-step difference from
 it. Peak memory is each worker's peak resident set (VmHWM, reset before the model is built), and
 "model MiB" the part of it above the process's footprint at that moment (weights, gradients,
-optimizer state, activations, communication buffers). CPU only.
+optimizer state, activations, communication buffers; an allocator artefact can make it read lower
+for a larger model). "state MiB" counts tensor bytes instead: the rank's weights (local shards) and
+optimizer state, each storage once. CPU only.
 
 Pipeline bubble: with p stages and m micro-batches per step, GPipe and 1F1B idle (p-1)/(m+p-1) of
 the step (1F1B only holds fewer activations), interleaved 1F1B with v stages per rank
@@ -88,7 +90,7 @@ def _reset_peak() -> None:
         pass
 
 
-def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[list[float], list[float]]:
+def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[list[float], list[float], float]:
     """Per step: the global loss and the step's wall time."""
     from cluster.train.precision import DynamicLossScaler
     from cluster.train.optim import build_optimizer
@@ -108,7 +110,24 @@ def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[li
         r = train_step(par_or_model, _ArrayLM(), mbs, opt, DynamicLossScaler(False), "fp32", torch.device("cpu"), 1.0, layout)
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
-    return losses, times[warmup:]
+    return losses, times[warmup:], _state_mib(model, opt)
+
+
+def _state_mib(model, opt) -> float:
+    """MiB of this rank's tensors that persist across steps: its weights (local shards) and optimizer
+    state, each storage once. Unlike the resident-set figures it is the same on every run."""
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total / 2 ** 20
 
 
 def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str) -> None:
@@ -132,9 +151,10 @@ def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str)
     torch.manual_seed(0)
     par = parallel.apply(archs.build(cfg), groups, torch.device("cpu"), schedule=layout.get("schedule", "1f1b"))
     data = _data(args.warmup + args.steps, args.batch, args.seq_len)
-    losses, times = _train(par, cfg, data, args.micro_batch, dims.coords(rank)[1], dims.dp, args.warmup)
+    losses, times, state = _train(par, cfg, data, args.micro_batch, dims.coords(rank)[1], dims.dp, args.warmup)
     peak = _status_mib("VmHWM")
-    torch.save({"losses": losses, "seconds": statistics.median(times), "peak_mib": peak, "model_mib": peak - base},
+    torch.save({"losses": losses, "seconds": statistics.median(times), "peak_mib": peak, "model_mib": peak - base,
+                "state_mib": state},
                f"{out}/rank{rank}.pt")
     del par
     dist.destroy_process_group()
@@ -162,10 +182,11 @@ def run(args) -> list[dict]:
         _reset_peak()
         before = _status_mib("VmRSS")
         data = _data(args.warmup + args.steps, args.batch, args.seq_len)
-        ref_losses, ref_times = _train(archs.build(cfg), cfg, data, args.micro_batch, 0, 1, args.warmup)
+        ref_losses, ref_times, ref_state = _train(archs.build(cfg), cfg, data, args.micro_batch, 0, 1, args.warmup)
         single_s = statistics.median(ref_times)
         results.append(dict(model=name, layout="single_process", tokens_per_s=tokens / single_s, seconds=single_s,
-                            peak_mib=[_status_mib("VmHWM")], model_mib=[_status_mib("VmHWM") - before], loss_diff=0.0,
+                            peak_mib=[_status_mib("VmHWM")], model_mib=[_status_mib("VmHWM") - before],
+                            state_mib=[ref_state], loss_diff=0.0,
                             expected_bubble=None, measured_bubble=None))
         _print_row(results[-1])
         for layout_name, layout in LAYOUTS:
@@ -181,7 +202,7 @@ def run(args) -> list[dict]:
             results.append(dict(
                 model=name, layout=layout_name, tokens_per_s=tokens / seconds, seconds=seconds,
                 peak_mib=[r["peak_mib"] for r in ranks], model_mib=[r["model_mib"] for r in ranks],
-                loss_diff=float(max(abs(a - b) for a, b in zip(ranks[0]["losses"], ref_losses))),
+                state_mib=[r["state_mib"] for r in ranks], loss_diff=float(max(abs(a - b) for a, b in zip(ranks[0]["losses"], ref_losses))),
                 expected_bubble=expected_bubble(layout, micro),
                 measured_bubble=1 - (single_s / p) / seconds if p > 1 else None))
             _print_row(results[-1])
@@ -193,6 +214,7 @@ def _print_row(r: dict) -> None:
               if r["expected_bubble"] is not None else "")
     print(f"{r['model']:10s} {r['layout']:16s} {r['tokens_per_s']:9.0f} {r['seconds'] * 1e3:9.0f} "
           f"{' / '.join(f'{m:5.0f}' for m in r['peak_mib']):>13s} {' / '.join(f'{m:5.0f}' for m in r['model_mib']):>13s} "
+          f"{' / '.join(f'{m:5.0f}' for m in r['state_mib']):>13s} "
           f"{r['loss_diff']:9.1e}  {bubble}", flush=True)
 
 
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None, from_cli: bool = False) -> int:
     print(f"parallel layouts: {', '.join(args.models)}, {args.batch} x {args.seq_len} tokens/step, micro-batch "
           f"{args.micro_batch}, {args.steps} timed steps, fp32 cpu, 1 thread per process, "
           f"{'caching' if malloc.active() else 'system'} malloc", file=sys.stderr, flush=True)
-    print(f"{'model':10s} {'layout':16s} {'tokens/s':>9s} {'ms/step':>9s} {'peak MiB/rk':>13s} {'model MiB/rk':>13s} "
+    print(f"{'model':10s} {'layout':16s} {'tokens/s':>9s} {'ms/step':>9s} {'peak MiB/rk':>13s} {'model MiB/rk':>13s} {'state MiB/rk':>13s} "
           f"{'loss diff':>9s}  bubble expected / measured")
     results = run(args)
     if args.out:

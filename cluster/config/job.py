@@ -168,7 +168,7 @@ class MetricsConfig:
     file_sd_dir: Annotated[str | None, "where the Prometheus file_sd target file goes; null = STORAGE/prometheus_targets"] = None
     expert_series_limit: Annotated[int, "export per-expert token series while layers x experts <= this (cardinality bound)"] = 256
     linger_s: Annotated[float, "at the end, keep serving up to this long until the final values were scraped"] = 0.0
-    peak_flops: Annotated[float | None, "peak FLOP/s of one worker for MFU; null = measured once at start (matmul)"] = None
+    peak_flops: Annotated[float | None, "peak FLOP/s of one worker for MFU; null = the datasheet bf16 dense peak of a known GPU (cluster.train.metrics.ACCELERATORS), else a matmul measured at start, labelled measured"] = None
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:

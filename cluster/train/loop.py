@@ -21,7 +21,7 @@ import parallel
 from cluster import checkpoint
 from cluster.config.job import JobConfig
 from cluster.tasks.registry import build_task
-from cluster.train.metrics import build_metrics, measure_peak_flops
+from cluster.train.metrics import build_metrics, measure_peak_flops, peak_flops
 from cluster.train.optim import build_optimizer, build_scheduler
 from cluster.train.precision import DynamicLossScaler, kernel_report
 from cluster.train.step import evaluate_task, train_step
@@ -88,7 +88,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         print("\n".join(kernel_lines), flush=True)
     if kernel_record:
         log.log(kernel_record, step)
-    peak = job.metrics.peak_flops or (measure_peak_flops(device) if rank == 0 else 0.0)
+    # MFU against the peak (datasheet, configured, or measured where none is known) and, as a
+    # separate series, against a matmul measured here ("achievable"); rank 0 only logs.
+    peak = peak_flops(device, job.metrics.peak_flops) if rank == 0 else None
+    achievable = (peak.flops if peak.basis == "measured" else measure_peak_flops(device)) if rank == 0 else 0.0
+    if peak is not None:
+        print(f"[raymoe] MFU denominator: {peak.flops / 1e12:.3g} TFLOP/s per worker, {peak.basis}: {peak.what}",
+              flush=True)
     stop = t.stop_at_step or t.steps
     tokens_per_step = t.global_batch_size * batches.dataset.seq_len
 
@@ -98,7 +104,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return metrics
 
     log.log({"event": "launch_start", "resumed_from": step, "world_size": world,
-             "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(dims)}, step)
+             "nodes": _node_of_each_rank(world), "layout": dataclasses.asdict(dims),
+             **({"peak_flops": peak.flops, "peak_basis": peak.basis, "peak_source": peak.what,
+                 "achievable_flops": achievable} if peak else {})}, step)
     pace = loop_config.get("pace_file")
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
@@ -121,8 +129,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - window_t
             tok_s = window_steps * tokens_per_step / elapsed
             record.update(tokens_per_s=tok_s, step_time_s=elapsed / window_steps, flops_per_s=tok_s * flops_per_token)
-            if peak:
-                record["mfu"] = tok_s * flops_per_token / (world * peak)
+            if peak is not None:
+                record["mfu"] = tok_s * flops_per_token / (world * peak.flops)
+                record["mfu_achievable"] = tok_s * flops_per_token / (world * achievable)
+                record["mfu_basis"] = peak.basis
             if result.moe:
                 record["moe"] = result.moe["layers"]
         log.log(record, step)
@@ -191,6 +201,8 @@ def print_progress(r: dict, stop: int, total: int, elapsed: float, done: int) ->
         val += (f" | aux {r['aux_loss']:.4f} | imbalance {worst['imbalance']:.2f}"
                 f" | dropped {100 * sum(s['dropped_frac'] for s in r['moe']) / len(r['moe']):.1f}%")
     mfu = f" | MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""
+    if r.get("mfu_basis") == "measured":
+        mfu += " (of a measured matmul)"
     print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
           f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s{mfu} | left {_fmt_s(left)}", flush=True)
 

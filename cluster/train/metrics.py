@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
@@ -29,7 +30,9 @@ TRAIN_SERIES = {  # record key -> (series, help)
     "loss_scale": ("raymoe_loss_scale", "fp16 dynamic loss scale"),
     "tokens_per_s": ("raymoe_tokens_per_s", "training throughput over the last logging window"),
     "step_time_s": ("raymoe_step_time_seconds", "mean optimizer-step time over the last logging window"),
-    "mfu": ("raymoe_mfu", "model FLOPs utilisation: model FLOPs/s over (workers x peak FLOPs/s)"),
+    "mfu": ("raymoe_mfu", "model FLOPs utilisation: model FLOPs/s over (workers x peak FLOPs/s): the datasheet "
+            "bf16 dense peak, metrics.peak_flops, or (CPU, unknown devices) a measured matmul"),
+    "mfu_achievable": ("raymoe_mfu_achievable", "model FLOPs/s over (workers x a large matmul measured at start)"),
     "aux_loss": ("raymoe_aux_loss", "MoE auxiliary losses (weighted, summed over layers)"),
     "step": ("raymoe_step", "optimizer steps done"),
 }
@@ -176,8 +179,69 @@ def build_metrics(cfg, run: str, run_dir: Path, storage: Path, rank: int) -> Met
     return MetricsLogger(backends)
 
 
+@dataclass(frozen=True)
+class Accelerator:
+    """One known accelerator: its dense bf16 tensor-core peak (no 2:4 sparsity) per GPU."""
+
+    name: str
+    match: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that pick this entry (all must occur)
+    bf16_dense_flops: float
+    source: str
+
+
+# Dense bf16 peaks per GPU from the vendor's datasheets (the datasheets print the 2:4-sparse figure
+# first; dense is half of it). More specific entries first: "GB200" before "B200", the H100 PCIe
+# and NVL cards before the SXM part (whose device name is "NVIDIA H100 80GB HBM3").
+ACCELERATORS: tuple[Accelerator, ...] = (
+    Accelerator("A100", ("A100",), 312e12, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS (624 sparse)"),
+    Accelerator("H100 PCIe", ("H100", "PCIE"), 756e12, "NVIDIA H100 datasheet: H100 PCIe BF16 1,513 TFLOPS sparse"),
+    Accelerator("H100 NVL", ("H100", "NVL"), 835e12, "NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS sparse"),
+    Accelerator("H100 SXM", ("H100",), 989e12, "NVIDIA H100 datasheet: H100 SXM BF16 1,979 TFLOPS sparse"),
+    Accelerator("H200 NVL", ("H200", "NVL"), 835e12, "NVIDIA H200 datasheet: H200 NVL BF16 1,671 TFLOPS sparse"),
+    Accelerator("H200", ("H200",), 989e12, "NVIDIA H200 datasheet: H200 SXM BF16 1,979 TFLOPS sparse"),
+    Accelerator("GB200", ("GB200",), 2.5e15, "NVIDIA GB200 NVL72 datasheet: FP16/BF16 360 PFLOPS sparse per 72 GPUs"),
+    Accelerator("B200", ("B200",), 2.25e15, "NVIDIA DGX/HGX B200 datasheet: FP16/BF16 36 PFLOPS sparse per 8 GPUs"),
+)
+
+
+def known_accelerator(device_name: str) -> Accelerator | None:
+    """The table entry whose match strings all occur in `device_name` (case-insensitive), first wins."""
+    upper = device_name.upper()
+    return next((a for a in ACCELERATORS if all(m in upper for m in a.match)), None)
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The MFU denominator of one worker and where it came from."""
+
+    flops: float
+    basis: str  # "configured" | "datasheet" | "measured"
+    what: str  # a human line: which entry or measurement
+
+
+def peak_flops(device, configured: float | None = None, device_name: str | None = None) -> Peak:
+    """The peak FLOP/s MFU divides by, as the field defines MFU (PaLM): `metrics.peak_flops` if set,
+    else the datasheet bf16 dense peak of a known accelerator (picked from the device name), else a
+    matmul measured here, labelled `measured` (on CPU there is no table entry: MFU there is
+    utilisation of an achievable figure, and reads higher than MFU against a peak would)."""
+    import torch
+
+    device = torch.device(device)
+    if configured is not None:
+        return Peak(float(configured), "configured", f"metrics.peak_flops = {configured:.3g} FLOP/s")
+    if device.type == "cuda" and device_name is None:
+        device_name = torch.cuda.get_device_name(device)
+    entry = known_accelerator(device_name) if device_name else None
+    if entry is not None:
+        return Peak(entry.bf16_dense_flops, "datasheet", f"{entry.name} bf16 dense peak ({entry.source})")
+    measured = measure_peak_flops(device)
+    what = "no datasheet entry for " + (device_name or device.type) + "; a matmul measured at start"
+    return Peak(measured, "measured", what)
+
+
 def measure_peak_flops(device, dtype=None) -> float:
-    """FLOP/s of a large matmul on this worker: the MFU denominator when none is configured."""
+    """FLOP/s of a large matmul on this worker: the "achievable" figure (MFU_achievable's
+    denominator), and the MFU denominator only where no datasheet peak is known (CPU)."""
     import torch
 
     device = torch.device(device)
