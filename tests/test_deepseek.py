@@ -3,7 +3,6 @@ DeepseekV3 on tiny random models: logits, cached greedy generation, routing, exp
 import; MLA's cache size; TP / PP / EP against the single process."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

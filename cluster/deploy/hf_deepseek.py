@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn as nn
 
 from archs.deepseek import DeepSeekV3, DeepSeekV3Config, YarnConfig
 from moe.config import MoEConfig
@@ -165,7 +164,7 @@ def config_to_hf(cfg: DeepSeekV3Config, rope_interleave: bool = True) -> dict:
         "first_k_dense_replace": cfg.first_k_dense, "norm_topk_prob": moe.renormalize, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rp, "rope_interleave": rope_interleave,
-        "attention_bias": False, "attention_dropout": 0.0, "num_nextn_predict_layers": 0, "dtype": "float32",
+        "attention_bias": False, "attention_dropout": 0.0, "num_nextn_predict_layers": 0,
     }
 
 
@@ -328,7 +327,7 @@ def load_hf_deepseek(hf_dir: str | Path, dtype: torch.dtype = torch.float32, log
                                 "(quant_method fp8 with weight_block_size) is implemented")
         block = tuple(q["weight_block_size"])
     tensors = _HubTensors(hf_dir, block)
-    mtp = re.compile(rf"model\.layers\.(\d+)\.")
+    mtp = re.compile(r"model\.layers\.(\d+)\.")
     extra = sorted(k for k in tensors.keys() if (m := mtp.match(k)) and int(m.group(1)) >= cfg.n_layers)
     if extra:
         log(f"notice: skipping {len(extra)} tensors of the multi-token-prediction module(s) after layer "
@@ -366,11 +365,12 @@ def save_hf_deepseek(model: DeepSeekV3, out_dir: str | Path, max_shard_bytes: in
     generation_config.json. Tensors stream into shards of at most `max_shard_bytes`."""
     from safetensors.torch import save_file
 
+    if not isinstance(model, DeepSeekV3):
+        raise TypeError(f"save_hf_deepseek: expected a deepseek_v3 model, got {type(model).__name__}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(model.cfg, rope_interleave)
-    if dtype is not None:
-        hf["dtype"] = str(dtype).removeprefix("torch.")
+    hf["dtype"] = str(dtype or model.embed.weight.dtype).removeprefix("torch.")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     names: list[list[str]] = [[]]
@@ -397,8 +397,7 @@ def save_hf_deepseek(model: DeepSeekV3, out_dir: str | Path, max_shard_bytes: in
     weight_map = {}
     if len(tmp) == 1:
         tmp[0].rename(out / "model.safetensors")
-        stale = out / "model.safetensors.index.json"
-        stale.unlink(missing_ok=True)
+        (out / "model.safetensors.index.json").unlink(missing_ok=True)  # of an earlier export to this dir
     else:
         for i, (path, keys) in enumerate(zip(tmp, names)):
             final = f"model-{i + 1:05d}-of-{len(tmp):05d}.safetensors"
@@ -410,8 +409,3 @@ def save_hf_deepseek(model: DeepSeekV3, out_dir: str | Path, max_shard_bytes: in
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}, indent=2))
     return out
 
-
-def as_module(model: nn.Module) -> DeepSeekV3:
-    if not isinstance(model, DeepSeekV3):
-        raise TypeError(f"expected a deepseek_v3 model, got {type(model).__name__}")
-    return model
