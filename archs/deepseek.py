@@ -154,26 +154,26 @@ class DeepSeekV3Config:
 
 
 class MLACache:
-    """Per layer the normalised KV latent [L, B, max_len, R] and the rotated shared RoPE key
-    [L, B, max_len, P]: (R + P) numbers per token and layer."""
+    """Per layer and position the normalised KV latent and the rotated shared RoPE key, side by
+    side in one buffer [L, B, max_len, R + P] ((R + P) numbers per token and layer), so that a
+    decode step reads the cached keys as one view, without concatenating them."""
 
     def __init__(self, n_layers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
-        self.latent = torch.zeros(n_layers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
-        self.max_len = max_len
+        self.kv = torch.zeros(n_layers, batch, max_len, kv_lora_rank + rope_dim, dtype=dtype, device=device)
+        self.rank, self.max_len = kv_lora_rank, max_len
 
-    def update(self, layer: int, pos: int, c_BTR: torch.Tensor, kr_BTP: torch.Tensor):
-        """Store positions [pos, pos+T) and return those of [0, pos+T)."""
+    def update(self, layer: int, pos: int, c_BTR: torch.Tensor, kr_BTP: torch.Tensor) -> torch.Tensor:
+        """Store positions [pos, pos+T); return [latent | RoPE key] of [0, pos+T): [B, S, R + P]."""
         end = pos + c_BTR.shape[1]
         if end > self.max_len:
             raise ValueError(f"MLA cache holds {self.max_len} positions, asked to write up to {end}")
-        self.latent[layer, :, pos:end] = c_BTR
-        self.k_rope[layer, :, pos:end] = kr_BTP
-        return self.latent[layer, :, :end], self.k_rope[layer, :, :end]
+        self.kv[layer, :, pos:end, :self.rank] = c_BTR
+        self.kv[layer, :, pos:end, self.rank:] = kr_BTP
+        return self.kv[layer, :, :end]
 
     def nbytes(self) -> int:
-        return self.latent.nbytes + self.k_rope.nbytes
+        return self.kv.nbytes
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -220,11 +220,11 @@ class MLAttention(nn.Module):
         c_BTR = self.kv_norm(c_BTR)
         kr_BTP = self.shared_key_hook(apply_rope(kr_BTP[:, None], cos, sin)[:, 0])
         if cache is not None:
-            c_BSR, kr_BSP = cache.update(layer, pos, c_BTR, kr_BTP)
+            kv_BSX = cache.update(layer, pos, c_BTR, kr_BTP)
         if pos == 0:  # training or prefill: expand the T latents into per-head keys and values
             out_BHTV = self._attend_expanded(q_BHTN, q_BHTP, c_BTR, kr_BTP)
         else:
-            out_BHTV = self._attend_absorbed(q_BHTN, q_BHTP, c_BSR, kr_BSP, pos)
+            out_BHTV = self._attend_absorbed(q_BHTN, q_BHTP, kv_BSX, pos)
         return self.wo(out_BHTV.transpose(1, 2).reshape(B, T, -1))
 
     def _attend_expanded(self, q_BHTN, q_BHTP, c_BTR, kr_BTP) -> torch.Tensor:
@@ -236,19 +236,20 @@ class MLAttention(nn.Module):
         q = torch.cat([q_BHTN, q_BHTP], dim=-1)
         return F.scaled_dot_product_attention(q, k, v_BHTV, is_causal=True, scale=self.scale)
 
-    def _attend_absorbed(self, q_BHTN, q_BHTP, c_BSR, kr_BSP, pos: int) -> torch.Tensor:
-        """Queries at [pos, pos+T) over the cached latents [0, pos+T), without expanding them."""
+    def _attend_absorbed(self, q_BHTN, q_BHTP, kv_BSX, pos: int) -> torch.Tensor:
+        """Queries at [pos, pos+T) over the cached [latent | RoPE key] of [0, pos+T), without
+        expanding them: every head shares the one "key head", so the H x T queries attend as the
+        rows of a single head (one [H*T, S] score matrix, no per-head copies of the cache)."""
         B, H, T, _ = q_BHTN.shape
-        S = c_BSR.shape[1]
+        S = kv_BSX.shape[1]
         w_HXR = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)
         w_uk_HNR, w_uv_HVR = w_HXR.split([self.nope, self.v_dim], dim=1)
         q_lat_BHTR = torch.einsum("bhtn,hnr->bhtr", q_BHTN, w_uk_HNR)
-        q = torch.cat([q_lat_BHTR, q_BHTP], dim=-1)
-        k = torch.cat([c_BSR, kr_BSP], dim=-1)[:, None].expand(B, H, S, self.rank + self.rope)
-        v = c_BSR[:, None].expand(B, H, S, self.rank)
-        allowed = torch.arange(S, device=q.device)[None, :] <= torch.arange(pos, pos + T, device=q.device)[:, None]
-        o_lat_BHTR = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.scale)
-        return torch.einsum("bhtr,hvr->bhtv", o_lat_BHTR, w_uv_HVR)
+        q = torch.cat([q_lat_BHTR, q_BHTP], dim=-1).reshape(B, 1, H * T, self.rank + self.rope)
+        allowed_TS = torch.arange(S, device=q.device)[None, :] <= torch.arange(pos, pos + T, device=q.device)[:, None]
+        o_lat = F.scaled_dot_product_attention(q, kv_BSX[:, None], kv_BSX[:, None, :, :self.rank],
+                                               attn_mask=allowed_TS.repeat(H, 1), scale=self.scale)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat.view(B, H, T, self.rank), w_uv_HVR)
 
 
 def build_block(cfg: DeepSeekV3Config, layer_id: int) -> PreNormBlock:
