@@ -349,36 +349,16 @@ def test_deepseek_trains_at_ep2_on_ray_and_exports(ray_cluster, tiny_data, tmp_p
         assert (back(x).logits - model(x)).abs().max() < 1e-4
 
 
-def _import_train_worker(rank, world, hf_dir, data, out):
-    import parallel
-    from cluster.train.precision import DynamicLossScaler
-    from cluster.train.step import train_step
-    from moe.layer import moe_layers
-    from parallel.mesh import ParallelDims, build_groups
-    from tests.test_step import CPU, ArrayLM
-
-    model = load_hf_deepseek(hf_dir, log=lambda _: None).train()
-    cfg = model.cfg
-    cfg.moe.bias_update_rate = 1e-2  # balancing moves the imported correction bias too
-    dims = ParallelDims.build(world, 2, cfg.moe.num_experts, model_cfg=cfg)
-    par = parallel.apply(model, build_groups(dims, rank), CPU)
-    opt = torch.optim.SGD(par.model.parameters(), lr=0.2)
-    for s in range(3):
-        train_step(par, ArrayLM(), data[s][dims.coords(rank)[1]], opt, DynamicLossScaler(False), "fp32", CPU, 1.0,
-                   (cfg.moe_layer_ids, cfg.moe.num_experts))
-    torch.save({"state": {k: v.detach() for k, v in par.model.state_dict().items()},
-                "offset": moe_layers(par.model)[0].experts.expert_offset}, f"{out}/rank{rank}.pt")
-
-
 @pytest.mark.multiproc
 def test_import_train_3_steps_at_ep2_export_reloads_in_transformers(pair, tmp_path):
     """Import, 3 SGD steps at EP=2 on 2 gloo ranks (each holds 4 of the 8 experts), merge the
     ranks' experts, export: transformers' logits equal raymoe's, and every expert moved."""
+    from tests.deepseek_workers import import_train_worker
     from tests.test_expert_parallel import spawn
     from tests.test_parallel_layouts import step_data
 
     _, imported, hf_dir = pair[24]
-    spawn(_import_train_worker, 2, str(hf_dir), step_data(2, 2, steps=3), str(tmp_path))
+    spawn(import_train_worker, 2, str(hf_dir), step_data(2, 2, steps=3), str(tmp_path))
     ranks = sorted((torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)), key=lambda g: g["offset"])
     merged = {}
     for key, value in ranks[0]["state"].items():
