@@ -7,6 +7,7 @@ the job config resolves before user keys override them. Nothing here imports Ray
 """
 # Importing a family module registers it.
 from archs import (  # noqa: F401
+    deepseek,
     forecast,
     hourglass,
     mamba,

@@ -22,8 +22,14 @@ class RMSNorm(nn.RMSNorm):
 def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables of shape [max_len, head_dim/2] for rotary position embeddings (fp32)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    return rope_tables_from(inv_freq, max_len)
+
+
+def rope_tables_from(inv_freq_D2: torch.Tensor, max_len: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [max_len, D/2] for given inverse frequencies (scaled RoPE variants such as
+    YaRN compute their own), times `scale` (YaRN's attention factor multiplies both)."""
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq_D2.double())
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:

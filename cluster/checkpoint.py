@@ -126,7 +126,13 @@ def choose_resume(latest: Path, run_dir: Path) -> Path:
 
 def check_model(meta: dict, model_cfg: Any, path: str | Path) -> None:
     """Raise if the checkpoint was written by a model of another shape."""
+    from cluster.config.job import ConfigError, model_from_dict
+
     saved, now = meta["model"], to_dict(model_cfg)
+    try:  # a field added since the checkpoint was written reads as its default, the value that model had
+        saved = to_dict(model_from_dict(saved))
+    except (ConfigError, ValueError, TypeError):
+        pass  # a field since removed or renamed: compare the raw records (and name the difference)
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
             for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:

@@ -25,6 +25,8 @@ class MoEConfig:
     seq_aux_loss_coeff: Annotated[float, "the same loss per sequence, averaged; 0 = off"] = 0.0
     z_loss_coeff: Annotated[float, "router z-loss mean(logsumexp(logits)^2); 0 = off"] = 1e-3
     bias_update_rate: Annotated[float, "auxiliary-loss-free balancing: per-step sign update of a selection bias; 0 = off"] = 0.0
+    routed_scaling_factor: Annotated[float, "multiplies the kept top-k weights after any renormalisation (DeepSeek-V3: 2.5); 1 = off"] = 1.0
+    selection_bias: Annotated[bool, "keep the selection-only correction bias (DeepSeek's e_score_correction_bias) in checkpoints even with bias_update_rate 0 (an imported model's bias); the bias, when present, always shifts selection only"] = False
     shared_expert_hidden: Annotated[int | None, "hidden width of an always-on shared expert (DeepSeek); null = none"] = None
     backend: Annotated[Literal[BACKENDS], "grouped-GEMM backend for the experts (kernels/); auto = fastest here"] = "auto"
 
@@ -59,5 +61,9 @@ class MoEConfig:
         for name in ("aux_loss_coeff", "seq_aux_loss_coeff", "z_loss_coeff", "bias_update_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor: must be > 0, got {self.routed_scaling_factor}")
+        if self.selection_bias and self.router != "topk":
+            raise ValueError("selection_bias: applies to router: topk only")
         if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
             raise ValueError(f"shared_expert_hidden: must be >= 1 or null, got {self.shared_expert_hidden}")

@@ -45,7 +45,7 @@ def route_topk(gate: nn.Linear, expert_bias: torch.Tensor | None, cfg: MoEConfig
     """Top-k routing of `TopKRouter` in evaluation: (expert ids [N, K], combine weights [N, K] fp32),
     through the router's own code (moe/router.py), so the two cannot drift apart."""
     scores_NE, _ = scores(gate_logits(gate, x_NC), cfg)
-    return select_topk(scores_NE, expert_bias if cfg.bias_update_rate > 0 else None, cfg)
+    return select_topk(scores_NE, expert_bias, cfg)  # the bias is zero unless balancing or a checkpoint set it
 
 
 class InferenceMoE(nn.Module):

@@ -71,6 +71,8 @@ def select_topk(scores_NE: torch.Tensor, expert_bias_E: torch.Tensor | None,
     # and the router would get no gradient from the task loss.
     if cfg.renormalize and (cfg.top_k > 1 or cfg.score_func == "sigmoid"):
         weight_NK = weight_NK / weight_NK.sum(-1, keepdim=True).clamp_min(1e-20)
+    if cfg.routed_scaling_factor != 1.0:
+        weight_NK = weight_NK * cfg.routed_scaling_factor
     return topk_NK, weight_NK
 
 
@@ -81,8 +83,11 @@ class TopKRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
-        # Auxiliary-loss-free balancing: a buffer, so it is checkpointed but never trained.
-        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts), persistent=cfg.bias_update_rate > 0)
+        # Auxiliary-loss-free balancing (or an imported correction bias): a buffer, so it is
+        # checkpointed but never trained. Zero unless balancing moved it or a checkpoint held one,
+        # so adding it always leaves the selection of a model without one exactly as it was.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts),
+                             persistent=cfg.bias_update_rate > 0 or cfg.selection_bias)
 
     def forward(self, x_NC: torch.Tensor) -> Routing:
         cfg, N = self.cfg, x_NC.shape[0]
@@ -90,7 +95,7 @@ class TopKRouter(nn.Module):
             x_NC = x_NC * torch.empty_like(x_NC).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
         logits_NE = gate_logits(self.gate, x_NC)
         scores_NE, probs_NE = scores(logits_NE, cfg)
-        topk_NK, weight_NK = select_topk(scores_NE, self.expert_bias if cfg.bias_update_rate > 0 else None, cfg)
+        topk_NK, weight_NK = select_topk(scores_NE, self.expert_bias, cfg)
         expert_A = topk_NK.reshape(-1)
         return Routing(
             token_A=torch.arange(N, device=x_NC.device).repeat_interleave(cfg.top_k),

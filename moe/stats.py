@@ -81,7 +81,7 @@ def finish_step(layers: list[nn.Module], device: torch.device, update_bias: bool
         s = dict(zip(SCALARS, row[E:E + len(SCALARS)]))
         fw = max(s["forwards"], 1.0)
         mean = sum(counts) / E
-        has_bias = i in held and held[i].cfg.bias_update_rate > 0
+        has_bias = i in held and (held[i].cfg.bias_update_rate > 0 or held[i].cfg.selection_bias)
         summary.append({
             "layer": i,
             "tokens_per_expert": counts,

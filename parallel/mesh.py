@@ -23,7 +23,7 @@ import torch.distributed as dist
 # Families whose models `parallel.tensor_parallel` and `parallel.pipeline` know how to cut: an
 # `embed`, a `ModuleDict` of blocks `layers` called as block(x, cos, sin), a final `norm`, an
 # optional `head`, and attention/MLP submodules named attn.wq/wk/wv/wo and mlp.w1/w2/w3.
-TP_PP_ARCHS = ("transformer", "moe_transformer")
+TP_PP_ARCHS = ("transformer", "moe_transformer", "deepseek_v3")
 
 
 def divisors(n: int) -> list[int]:
@@ -129,12 +129,12 @@ def layout_problem(pp: int, tp: int, model_cfg: Any) -> str | None:
         return None
     arch = getattr(model_cfg, "arch", None)
     if arch not in TP_PP_ARCHS:
-        return (f"parallel.tp/pp: tensor and pipeline parallelism support model.arch {' and '.join(TP_PP_ARCHS)}, "
+        return (f"parallel.tp/pp: tensor and pipeline parallelism support model.arch {', '.join(TP_PP_ARCHS)}, "
                 f"not {arch!r}; use parallel.tp=1 and parallel.pp=1")
     if pp > model_cfg.n_layers:
         return f"parallel.pp: {pp} stages need at least {pp} layers (model.n_layers={model_cfg.n_layers})"
     if tp > 1:
-        sizes = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": model_cfg.n_kv_heads or model_cfg.n_heads,
+        sizes = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": getattr(model_cfg, "n_kv_heads", None) or model_cfg.n_heads,
                  "model.d_ff (MLP hidden width)": model_cfg.hidden}
         moe = getattr(model_cfg, "moe", None)
         if moe is not None and moe.shared_expert_hidden:

@@ -108,8 +108,12 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, device: torch
         return model
     mesh = tp_mesh(groups, device)
     for block in model.layers.values():
-        plan = {"attn.wq": ColwiseParallel(), "attn.wk": ColwiseParallel(), "attn.wv": ColwiseParallel(),
-                "attn.wo": RowwiseParallel()}
+        # An attention module may name its own head-sharded linears (MLA: wq | wq_b, wkv_b, wo; its
+        # latent projections stay replicated); else the wq/wk/wv/wo of `Attention`.
+        styles = getattr(block.attn, "tp_plan", None) or {"wq": "colwise", "wk": "colwise", "wv": "colwise",
+                                                         "wo": "rowwise"}
+        plan = {f"attn.{name}": ColwiseParallel() if style == "colwise" else RowwiseParallel()
+                for name, style in styles.items()}
         mlp = block.mlp
         dense = mlp if hasattr(mlp, "w1") else getattr(mlp, "shared", None)
         if dense is not None:
@@ -117,6 +121,8 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, device: torch
             plan.update({f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(),
                          f"{prefix}.w2": RowwiseParallel()})
         parallelize_module(block, mesh, plan)
+        if hasattr(block.attn, "shared_key_hook"):  # MLA's RoPE key, shared by the heads of every TP rank
+            block.attn.shared_key_hook = lambda t, group=groups.tp: _CopyToTP.apply(t, group)
     return model
 
 

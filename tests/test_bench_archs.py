@@ -10,7 +10,7 @@ from jobs import bench
 from cluster.bench.archs import MODELS, LiveBytes, tensor_bytes
 
 TINY = ["--quick", "--preset", "debug", "--seq-lens", "32", "64", "--tokens-per-step", "128", "--window", "16",
-        "--gen-context", "32", "--gen-tokens", "3", "--scan-lens", "32", "--repeats", "1"]
+        "--gen-context", "32", "--gen-tokens", "3", "--scan-lens", "32", "--repeats", "1", "--cache-lens", "64", "256"]
 
 
 def test_live_bytes_counts_allocations_frees_and_backward():
@@ -47,7 +47,7 @@ def quick(tmp_path_factory):
 
 def test_quick_sweep_json(quick):
     data, out = quick
-    assert set(data) == {"meta", "models", "results", "generation", "scan", "claims"}
+    assert set(data) == {"meta", "models", "results", "generation", "scan", "claims", "cache_sizes"}
     assert [m["name"] for m in data["models"]] == list(MODELS)
     params = {m["name"]: m["params"] for m in data["models"]}
     assert all(n > 0 for n in params.values())
@@ -69,7 +69,15 @@ def test_quick_sweep_json(quick):
         assert g["context"] == 32 and g["new_tokens"] == 3 and g["ms_per_token"] > 0 and g["cache_bytes"] > 0
     assert sorted(r["impl"] for r in data["scan"]) == ["chunked", "sequential"]
     assert all(r["max_abs_diff"] < 1e-4 for r in data["scan"])  # the two scans compute the same thing
-    assert set(data["claims"]) == {"local_window_3x_faster", "sparse_4x_less_memory", "ssm_5x_faster_inference"}
+    assert set(data["claims"]) == {"local_window_3x_faster", "sparse_4x_less_memory", "ssm_5x_faster_inference",
+                                   "mla_vs_gqa_equal_params"}
+    # MLA against GQA at equal parameters (within one SwiGLU unit per layer); its cache holds the
+    # latent + RoPE key per token and layer
+    assert abs(params["mla"] - params["dense_gqa"]) <= 3 * 32 * 2
+    mla_cfg = next(m["config"] for m in data["models"] if m["name"] == "mla")
+    caches = {c["model"]: c["sizes"] for c in data["cache_sizes"]}
+    assert caches["mla"][0]["bytes_per_token"] == 4 * mla_cfg["n_layers"] * (mla_cfg["kv_lora_rank"] + mla_cfg["qk_rope_head_dim"])
+    assert caches["mla"][0]["cache_bytes"] < caches["dense_gqa"][0]["cache_bytes"] < caches["dense"][0]["cache_bytes"]
     assert data["meta"]["memory_method"].startswith("LiveBytes")
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

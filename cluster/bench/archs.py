@@ -28,6 +28,11 @@ Generation: a prompt of `--gen-context` tokens is prefilled into the model's cac
 cache's size are reported. Mamba's scans: the chunked scan (training path) against the
 sequential recurrence (`archs.mamba.scan_functions`), forward and forward+backward.
 
+Decode cache size at `--cache-lens` context lengths: bytes per position of an allocated cache x T (MLA keeps
+kv_lora_rank + qk_rope_head_dim numbers per token and layer; GQA 2 x n_kv_heads x head_dim).
+`dense_gqa` (the transformer with n_heads / 2 key/value heads) and `mla` (DeepSeek-V3's attention
+with dense FFNs, SwiGLU width solved for an equal parameter count) are the MLA comparison.
+
 Timings are wall clock on a shared machine: the load average before and after is recorded.
 """
 from __future__ import annotations
@@ -52,6 +57,8 @@ import archs
 from cluster.train import malloc
 
 VOCAB = 256
+# models whose decode cache grows with the context (the size table compares MLA's latent with GQA's keys/values)
+CACHE_MODELS = ("dense", "dense_gqa", "mla", "local")
 MIB = 2**20
 
 # name -> (family, overrides of its preset); `window` is filled in from --window.
@@ -64,6 +71,11 @@ MODELS: dict[str, tuple[str, dict]] = {
     "sparse_learned": ("sparse_transformer", {"pattern": "learned"}),
     "performer": ("performer", {}),
     "mamba": ("mamba", {}),
+    # multi-head latent attention (DeepSeek-V3's, dense FFNs) against grouped-query attention at equal
+    # parameters: `mla`'s shape comes from the preset's width (see mla_overrides), its SwiGLU width
+    # is solved so that its parameter count matches `dense_gqa`'s
+    "dense_gqa": ("transformer", {"n_kv_heads": "half"}),
+    "mla": ("deepseek_v3", {}),
 }
 
 
@@ -148,12 +160,47 @@ def tensor_bytes(obj, seen: set[int] | None = None) -> int:
 
 def build_model(name: str, preset: str, max_len: int, window: int) -> torch.nn.Module:
     family, overrides = MODELS[name]
+    if name == "mla":
+        return build_mla(preset, max_len)
     fam = archs.family(family)
     kw = {**fam.presets[preset], **overrides, "vocab_size": VOCAB, "max_seq_len": max_len}
     if "attn_window" in overrides:
         kw["attn_window"] = window
+    if overrides.get("n_kv_heads") == "half":
+        kw["n_kv_heads"] = max(1, kw["n_heads"] // 2)
     torch.manual_seed(0)
     return archs.build(fam.config_cls(**kw))
+
+
+def mla_overrides(preset: str) -> dict:
+    """MLA at the transformer preset's width and heads: head dim D = d_model / n_heads split into
+    3D/4 no-RoPE + D/4 RoPE for q/k, values of D, a KV latent of d_model / 4, no query bottleneck,
+    dense FFNs, tied head (as the transformer's)."""
+    t = archs.family("transformer").presets[preset]
+    D = t["d_model"] // t["n_heads"]
+    return dict(d_model=t["d_model"], n_layers=t["n_layers"], n_heads=t["n_heads"], q_lora_rank=None,
+                kv_lora_rank=t["d_model"] // 4, qk_nope_head_dim=3 * D // 4, qk_rope_head_dim=D // 4, v_head_dim=D,
+                moe=None, first_k_dense=t["n_layers"], tie_embeddings=True)
+
+
+def build_mla(preset: str, max_len: int) -> torch.nn.Module:
+    """The `mla` model, its SwiGLU width solved for the parameter count of `dense_gqa`."""
+    fam = archs.family("deepseek_v3")
+    target = sum(p.numel() for p in build_model("dense_gqa", preset, max_len, 1).parameters())
+    kw = {**mla_overrides(preset), "vocab_size": VOCAB, "max_seq_len": max_len}
+    probe = archs.build(fam.config_cls(**kw))
+    per_unit = 3 * kw["d_model"] * kw["n_layers"]  # one more SwiGLU hidden unit in every layer
+    d_ff = probe.cfg.hidden + round((target - sum(p.numel() for p in probe.parameters())) / per_unit)
+    torch.manual_seed(0)
+    return archs.build(fam.config_cls(**{**kw, "d_ff": d_ff}))
+
+
+def cache_sizes(model, lengths: list[int]) -> list[dict]:
+    """Decode-cache bytes of one sequence at each length: the bytes per position of a cache
+    allocated for 64 positions, times the length (these caches are preallocated per position, so
+    linear in it; allocating 128K positions would take GiBs for nothing)."""
+    per_position = tensor_bytes(model.new_cache(1, 64)) / 64
+    return [dict(context=L, cache_bytes=int(per_position * L), bytes_per_token=per_position) for L in lengths]
 
 
 def train_step_fn(model, opt, tokens_BT1: torch.Tensor) -> Callable[[], None]:
@@ -258,7 +305,7 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     load0 = os.getloadavg()
     max_len = max([*args.seq_lens, *args.forward_only_lens, args.gen_context + args.gen_tokens])
-    models, results, generation = [], [], []
+    models, results, generation, caches = [], [], [], []
     for name in args.models:
         model = build_model(name, args.preset, max_len, args.window)
         family, overrides = MODELS[name]
@@ -288,6 +335,8 @@ def run(args) -> dict:
             results.append(dict(model=name, skipped=None, **r))
             print(f"[archs] {name:20s} T={T:6d} forward {r['seconds'] * 1e3:8.1f} ms  peak {r['peak_bytes'] / MIB:8.1f} MiB"
                   f"  ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
+        if args.cache_lens and name in CACHE_MODELS:
+            caches.append(dict(model=name, sizes=cache_sizes(model, args.cache_lens)))
         if args.gen_tokens:
             t0 = time.perf_counter()
             g = dict(model=name, **bench_generation(model, args.gen_context, args.gen_tokens))
@@ -300,12 +349,13 @@ def run(args) -> dict:
                 preset=args.preset, vocab_size=VOCAB, seq_lens=args.seq_lens, forward_only_lens=args.forward_only_lens,
                 tokens_per_step=args.tokens_per_step, repeats=args.repeats, window=args.window,
                 gen_context=args.gen_context, gen_tokens=args.gen_tokens, scan_lens=args.scan_lens,
+                cache_lens=args.cache_lens,
                 case_budget_s=args.case_budget_s, quick=args.quick, caching_malloc=malloc.active(), loadavg_start=load0, loadavg_end=os.getloadavg(),
                 memory_method="LiveBytes: peak of live tensor bytes allocated during the measured call (TorchDispatchMode "
                               "over aten op outputs, freed via weak refs); excludes weights/optimizer state held before "
                               "it and scratch allocated inside single kernels",
                 wall_s=time.perf_counter() - t_start)
-    out = dict(meta=meta, models=models, results=results, generation=generation, scan=scans)
+    out = dict(meta=meta, models=models, results=results, generation=generation, scan=scans, cache_sizes=caches)
     out["claims"] = claims(out)
     return out
 
@@ -342,6 +392,17 @@ def claims(out: dict) -> dict:
             train_memory_ratio={n: ratio(_find(out, "dense", "train", T), _find(out, n, "train", T), "peak_bytes")
                                 for n in sparse})
     gen = {g["model"]: g for g in out["generation"]}
+    if {"dense_gqa", "mla"} <= names:
+        T = max((t for t in lens if _find(out, "mla", "train", t) and _find(out, "dense_gqa", "train", t)), default=None)
+        cache = {c["model"]: c["sizes"] for c in out.get("cache_sizes", [])}
+        result["mla_vs_gqa_equal_params"] = dict(
+            seq_len=T,
+            train_speed_ratio=ratio(_find(out, "mla", "train", T), _find(out, "dense_gqa", "train", T), "tokens_per_s"),
+            train_memory_ratio=ratio(_find(out, "dense_gqa", "train", T), _find(out, "mla", "train", T), "peak_bytes"),
+            cache_ratio=(cache["dense_gqa"][0]["cache_bytes"] / cache["mla"][0]["cache_bytes"]
+                         if "mla" in cache and "dense_gqa" in cache else None),
+            decode_ms_ratio=(gen["mla"]["ms_per_token"] / gen["dense_gqa"]["ms_per_token"]
+                             if "mla" in gen and "dense_gqa" in gen else None))
     if "dense" in gen and "mamba" in gen:
         result["ssm_5x_faster_inference"] = dict(
             context=gen["dense"]["context"],
@@ -386,6 +447,12 @@ def print_tables(out: dict) -> None:
         print(f"{'model':20s} {'ms/token':>9s} {'prefill s':>10s} {'cache MiB':>10s}")
         for g in out["generation"]:
             print(f"{g['model']:20s} {g['ms_per_token']:9.2f} {g['prefill_s']:10.2f} {g['cache_bytes'] / MIB:10.2f}")
+    if out["cache_sizes"]:
+        lens = out["meta"]["cache_lens"]
+        print("\ndecode cache of one sequence (MiB) at context length")
+        print(f"{'model':20s} " + " ".join(f"{'T=' + str(T):>10s}" for T in lens))
+        for c in out["cache_sizes"]:
+            print(f"{c['model']:20s} " + " ".join(f"{s['cache_bytes'] / MIB:10.2f}" for s in c["sizes"]))
     if out["scan"]:
         print("\nMamba scan (batch 1): forward ms | forward+backward ms")
         for r in out["scan"]:
@@ -448,6 +515,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--gen-context", type=int, default=None, help="prompt length before decoding [4096; quick 512]")
     p.add_argument("--gen-tokens", type=int, default=None, help="tokens decoded one by one; 0 = no generation [32; quick 8]")
     p.add_argument("--scan-lens", type=int, nargs="*", default=None, help="Mamba scan lengths [512 2048; quick 128 512]")
+    p.add_argument("--cache-lens", type=int, nargs="*", default=None,
+                   help="context lengths of the decode-cache size table [4096 32768 131072; quick 512 4096 32768]")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions after one warm-up [3; quick 1]")
     p.add_argument("--case-budget-s", type=float, default=120.0,
                    help="skip a training length whose predicted time exceeds this (default 120)")
@@ -455,9 +524,9 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="write JSON here, and a PNG beside it (same name, .png)")
     args = p.parse_args(argv)
     full = dict(seq_lens=[512, 2048, 8192], forward_only_lens=[16384], tokens_per_step=8192, window=256,
-                gen_context=4096, gen_tokens=32, scan_lens=[512, 2048], repeats=3)
+                gen_context=4096, gen_tokens=32, scan_lens=[512, 2048], repeats=3, cache_lens=[4096, 32768, 131072])
     quick = dict(seq_lens=[128, 512], forward_only_lens=[], tokens_per_step=1024, window=64,
-                 gen_context=512, gen_tokens=8, scan_lens=[128, 512], repeats=1)
+                 gen_context=512, gen_tokens=8, scan_lens=[128, 512], repeats=1, cache_lens=[512, 4096, 32768])
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
