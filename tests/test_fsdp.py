@@ -77,6 +77,14 @@ def test_fsdp_x_ep2_x_edp2_equals_single_process(tmp_path):
     assert all(got[r]["sharded"]["layers.1.mlp.experts.w13"] for r in range(4))
 
 
+@pytest.mark.multiproc
+def test_hsdp_degree2_of_dp4_dense_equals_single_process(tmp_path):
+    # parallel.fsdp=2 on 4 ranks: sharded over pairs, the pairs replicated (reduce-scatter + all-reduce)
+    _, _, got = check_layout(tmp_path, 4, dense_cfg(), {"fsdp": 2},
+                             grad_keys=("layers.0.attn.wq.weight", "embed.weight"))
+    assert all(got[r]["sharded"]["layers.0.attn.wq.weight"] for r in range(4))
+
+
 # ------------------------------------------------------------------ checkpoints across layouts and sizes
 
 def _phase(rank, world, layout, cfg, data, steps, load, save, out):
