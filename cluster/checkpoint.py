@@ -50,7 +50,8 @@ def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model
     """Every rank calls this with its own (fresh) directory; Ray merges them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _without_step_hooks(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     split_experts(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not _distributed())
     torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
@@ -135,16 +136,37 @@ def check_model(meta: dict, model_cfg: Any, path: str | Path) -> None:
                               "the existing checkpoint was left untouched")
 
 
+class _without_step_hooks:
+    """DCP's get/set_state_dict initialise a fresh optimizer's state with a dummy `step()` (lr 0,
+    zero gradients). That step must not fire the step pre-hooks `parallel.apply` installs (the MoE
+    statistics reduction and bias update, moe/step.py): it would leave a summary of nothing that
+    makes the first real step after a resume skip its own reduction and bias update."""
+
+    def __init__(self, optimizer):
+        self.hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
+
+    def __enter__(self):
+        self.saved = dict(self.hooks) if self.hooks is not None else {}
+        if self.hooks is not None:
+            self.hooks.clear()
+
+    def __exit__(self, *exc):
+        if self.hooks is not None:
+            self.hooks.update(self.saved)
+
+
 def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
     """Load model, optimizer and RNG into the live objects; return the train state."""
     path = Path(path)
     check_model(read_meta(path), model_cfg, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _without_step_hooks(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     layout = split_experts(model, model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp_load(state, path, no_dist=not _distributed())
     merge_experts(layout, state["model"], state["optim"])
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with _without_step_hooks(optimizer):
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file() and read_meta(path)["world_size"] == world_size:
