@@ -50,7 +50,8 @@ def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model
     """Every rank calls this with its own (fresh) directory; Ray merges them."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _without_step_hooks(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     split_experts(model, model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not _distributed())
     torch.save({"torch": torch.get_rng_state()}, path / f"rng_rank{rank}.pt")
@@ -141,16 +142,37 @@ def check_model(meta: dict, model_cfg: Any, path: str | Path) -> None:
                               "the existing checkpoint was left untouched")
 
 
+class _without_step_hooks:
+    """DCP's get/set_state_dict initialise a fresh optimizer's state with a dummy `step()` (lr 0,
+    zero gradients). That step must not fire the step pre-hooks `parallel.apply` installs (the MoE
+    statistics reduction and bias update, moe/step.py): it would leave a summary of nothing that
+    makes the first real step after a resume skip its own reduction and bias update."""
+
+    def __init__(self, optimizer):
+        self.hooks = getattr(optimizer, "_optimizer_step_pre_hooks", None)
+
+    def __enter__(self):
+        self.saved = dict(self.hooks) if self.hooks is not None else {}
+        if self.hooks is not None:
+            self.hooks.clear()
+
+    def __exit__(self, *exc):
+        if self.hooks is not None:
+            self.hooks.update(self.saved)
+
+
 def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
     """Load model, optimizer and RNG into the live objects; return the train state."""
     path = Path(path)
     check_model(read_meta(path), model_cfg, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _without_step_hooks(optimizer):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
     layout = split_experts(model, model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd}
     dcp_load(state, path, no_dist=not _distributed())
     merge_experts(layout, state["model"], state["optim"])
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with _without_step_hooks(optimizer):
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train_state = torch.load(path / "train_state.pt", weights_only=True)
     rng = path / f"rng_rank{rank}.pt"
     if rng.is_file() and read_meta(path)["world_size"] == world_size:
@@ -185,29 +207,78 @@ def expert_layout(model: nn.Module) -> dict[str, tuple[int, int]]:
 def split_experts(model: nn.Module, model_sd: dict, optim_sd: dict | None = None) -> dict:
     """Key expert weights (and their optimizer state) by global expert index, in place:
     `...experts.w13` [E_local, ...] becomes `...experts.w13.expert{g}` per expert. Every layout
-    writes and reads the same keys, so a checkpoint from EP=2 loads at EP=1 and back."""
-    layout = expert_layout(model)
-    for fqn, (offset, n) in layout.items():
+    writes and reads the same keys, so a checkpoint from EP=2 loads at EP=1 and back, and with or
+    without FSDP: an FSDP shard of whole experts (Shard(0)) gives the experts it holds as plain
+    tensors, a shard inside the experts (Shard(1)) one DTensor per expert (see `_held`).
+    Returns what `merge_experts` needs: {fqn: (first global index, local count, the tensors split)}."""
+    layout = {}
+    for fqn, (offset, n) in expert_layout(model).items():
         t = model_sd.pop(fqn)
-        for j in range(n):
-            model_sd[f"{fqn}.expert{offset + j}"] = t[j]
+        model_sd.update({f"{fqn}.expert{g}": v for g, v in _held(t, offset, n).items()})
+        st = None
         if optim_sd is not None and fqn in optim_sd.get("state", {}):
             st = optim_sd["state"].pop(fqn)
-            for j in range(n):
-                optim_sd["state"][f"{fqn}.expert{offset + j}"] = {
-                    k: v[j] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v for k, v in st.items()}
+            templates = {k: v for k, v in st.items() if _per_expert(v, n)}
+            per_expert = {k: _held(v, offset, n) for k, v in templates.items()}
+            for g in _held(t, offset, n):
+                optim_sd["state"][f"{fqn}.expert{g}"] = {k: per_expert[k][g] if k in per_expert else v
+                                                         for k, v in st.items()}
+        layout[fqn] = (offset, n, t, st)
     return layout
+
+
+def _per_expert(v, n: int) -> bool:
+    return torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n
+
+
+def _held(t: torch.Tensor, offset: int, n: int) -> dict[int, torch.Tensor]:
+    """{global expert index: this rank's part of that expert} for a [n, ...] expert tensor whose
+    first expert is global expert `offset`: all n rows of a plain tensor; of an FSDP DTensor
+    sharded by expert, the rows of its local chunk (torch.chunk sizes); of one sharded inside the
+    experts, every expert as a DTensor of its own (its dim 0 = the sharded dim 1)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return {offset + j: t[j] for j in range(n)}
+    local = t._local_tensor
+    dims = [(i, pl.dim) for i, pl in enumerate(t.placements) if isinstance(pl, Shard)]
+    if len(dims) != 1:
+        raise CheckpointError(f"expert tensor sharded as {t.placements}: one Shard placement expected")
+    mesh_dim, dim = dims[0]
+    if dim == 0:
+        size, coord = t.device_mesh.size(mesh_dim), t.device_mesh.get_local_rank(mesh_dim)
+        first = coord * -(-n // size)
+        return {offset + first + j: local[j] for j in range(local.shape[0])}
+    placements = [Shard(pl.dim - 1) if isinstance(pl, Shard) else pl for pl in t.placements]
+    return {offset + j: DTensor.from_local(local[j], t.device_mesh, placements, run_check=False, shape=t.shape[1:],
+                                           stride=torch.empty(t.shape[1:], device="meta").stride())
+            for j in range(n)}
+
+
+def _join(template: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of `_held`: the loaded parts back into a tensor laid out like `template`."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(template, DTensor):
+        return torch.stack(parts)
+    locals_ = [p._local_tensor if isinstance(p, DTensor) else p for p in parts]
+    local = torch.stack(locals_) if locals_ else template._local_tensor  # an empty shard holds none
+    return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
+                              shape=template.shape, stride=template.stride())
 
 
 def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) -> None:
     """Inverse of split_experts, after loading into the per-expert entries."""
-    for fqn, (offset, n) in layout.items():
-        keys = [f"{fqn}.expert{offset + j}" for j in range(n)]
-        model_sd[fqn] = torch.stack([model_sd.pop(k) for k in keys])
-        if optim_sd is not None and keys[0] in optim_sd.get("state", {}):
+    for fqn, (offset, n, template, optim_state) in layout.items():
+        held = list(_held(template, offset, n))
+        keys = [f"{fqn}.expert{g}" for g in held]
+        model_sd[fqn] = _join(template, [model_sd.pop(k) for k in keys])
+        if optim_sd is not None and keys and keys[0] in optim_sd.get("state", {}):
             parts = [optim_sd["state"].pop(k) for k in keys]
-            optim_sd["state"][fqn] = {k: torch.stack([p[k] for p in parts]) if torch.is_tensor(v) and v.dim() > 0 else v
-                                      for k, v in parts[0].items()}
+            optim_sd["state"][fqn] = {k: _join(optim_state[k], [p[k] for p in parts]) if _per_expert(optim_state[k], n)
+                                      else v for k, v in parts[0].items()}
+        elif optim_sd is not None and optim_state is not None:  # an FSDP shard that holds no expert
+            optim_sd.setdefault("state", {})[fqn] = optim_state
 
 
 def dcp_load(state: dict, path: Path, no_dist: bool) -> None:

@@ -3,8 +3,10 @@
 The steps run in a fixed order (as torchtitan's `parallelize_llama`):
   tensor (shard attention/MLP over TP) -> pipeline (cut this rank's stages) -> expert (keep this
   rank's experts, all-to-all dispatcher) -> TP token split of MoE layers -> activation
-  checkpointing -> data parallel (DDP when there is no TP/PP; else gradients are averaged by
-  hand after the step's backward, since pipeline backward passes run outside DDP's hooks).
+  checkpointing -> data parallel: FSDP2 when `fsdp` is set (parallel.fsdp: dense weights sharded
+  over the data-parallel ranks, experts over their expert group), else DDP when there is no TP/PP,
+  else gradients averaged by hand after the step's backward (pipeline backward passes run outside
+  DDP's hooks).
 Pipeline cutting comes before expert sharding so that no rank slices experts it then deletes.
 `apply` also installs the MoE layers' per-step hooks (`moe.step.MoEStep`), so the training step
 calls the same few methods of `Parallelized` whatever the model and the layout:
@@ -34,6 +36,7 @@ class Parallelized:
     pipeline: object | None = None  # parallel.pipeline.Pipeline when pp > 1
     microbatches: int | None = None  # pipeline micro-batches per step (None: the step's micro-batches)
     moe: MoEStep | None = None  # the MoE layers' per-step hooks (None: no MoE layer in the model)
+    fsdp: bool = False  # parameters are FSDP2 shards: FSDP reduces the gradients in backward
 
     @property
     def manual_grads(self) -> bool:
@@ -69,7 +72,12 @@ class Parallelized:
             self.moe.set_loss_weight(weight)
 
     def no_sync(self, last: bool):
-        """Gradient accumulation: skip DDP's all-reduce except on the step's last micro-batch."""
+        """Gradient accumulation: skip DDP's all-reduce (FSDP's reduce-scatter) except on the step's
+        last micro-batch. (Under a pipeline the schedule switches FSDP itself.)"""
+        if self.fsdp and not last and self.pipeline is None:
+            from parallel.fsdp import no_sync
+
+            return no_sync(self.forward_model)
         if last or not hasattr(self.forward_model, "no_sync"):
             return contextlib.nullcontext()
         return self.forward_model.no_sync()
@@ -81,8 +89,11 @@ class Parallelized:
         over their expert-data-parallel group."""
         from parallel.expert_parallel import reduce_expert_grads
         from parallel.grads import average_replicated_grads
+        from parallel.pipeline import sync_tied_embedding
 
-        if self.manual_grads:
+        if self.fsdp:  # FSDP reduced every sharded gradient; left: the tied copies, plain experts
+            sync_tied_embedding(self.model, self.groups)
+        elif self.manual_grads:
             average_replicated_grads(self.model, self.groups)
         reduce_expert_grads(self.model)
 
@@ -125,16 +136,21 @@ def local(model: nn.Module) -> Parallelized:
 
 def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, schedule: str = "1f1b",
           microbatches: int | None = None, pp_split: list[int] | None = None,
-          activation_checkpointing: bool = False) -> Parallelized:
+          activation_checkpointing: bool = False, fsdp: bool | int = False, reshard_after_forward: bool = True,
+          precision: str = "fp32") -> Parallelized:
     """Shard, cut and wrap `model` (built identically on every rank) for this rank's place in the mesh."""
     from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
+    from parallel.fsdp import apply_fsdp, build_device_mesh, fsdp_degree, plan
     from parallel.grads import tag_norm_copies
     from parallel.pipeline import Pipeline
     from parallel.tensor_parallel import apply_tensor_parallel, install_token_split
 
     dims = groups.dims
     moe = _moe_step(model, groups, device)  # the whole model's MoE layout, before the cut
+    degree = fsdp_degree(fsdp, dims.dp)
+    if degree:  # before TP: TP's DTensors must live on the same root mesh as FSDP's
+        groups.device_mesh = build_device_mesh(groups, device, degree)
     apply_tensor_parallel(model, groups, device)
     pipeline = Pipeline(model, groups, schedule, device, pp_split) if dims.pp > 1 else None
     apply_expert_parallel(model, groups, time_exchange=device.type == "cpu")
@@ -145,7 +161,13 @@ def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, sche
         moe.layers = moe_layers(model)  # this rank's layers (the pipeline cut kept some)
     par = Parallelized(model=model, forward_model=model, groups=groups, pipeline=pipeline, microbatches=microbatches,
                        moe=moe)
-    if par.manual_grads:
+    if degree:  # the last step: shard what the steps above left on this rank
+        if par.manual_grads:
+            tag_norm_copies(model, groups)  # read (pipeline ties) and rewritten by apply_fsdp
+        roots = pipeline.modules if pipeline is not None else None
+        apply_fsdp(model, groups, device, plan(groups, device, degree, reshard_after_forward, precision), roots)
+        par.fsdp = True
+    elif par.manual_grads:
         tag_norm_copies(model, groups)
     else:
         par.forward_model = apply_data_parallel(model, device)

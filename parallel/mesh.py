@@ -173,6 +173,9 @@ class ProcessGroups:
     dp: dist.ProcessGroup | None = None
     pp: dist.ProcessGroup | None = None
     embed: dist.ProcessGroup | None = None  # first and last stage: the tied embedding's two copies
+    # The root DeviceMesh (pp, dp_replicate, dp_shard, tp) when FSDP runs (parallel.fsdp): tensor
+    # parallelism then takes its "tp" slice so that FSDP's and TP's DTensors share one root.
+    device_mesh: Any = None
 
     @property
     def coords(self) -> tuple[int, int, int]:

@@ -166,4 +166,6 @@ def sync_tied_embedding(model: nn.Module, groups: ProcessGroups) -> None:
     embed = getattr(model, "embed", None)
     if embed is None or not getattr(embed.weight, "pipeline_tied", False) or embed.weight.grad is None:
         return
-    dist.all_reduce(embed.weight.grad, group=groups.embed)
+    grad = embed.weight.grad
+    # Under FSDP a DTensor shard: both copies hold the same shard (same dp rank), sum the shards.
+    dist.all_reduce(grad._local_tensor if hasattr(grad, "_local_tensor") else grad, group=groups.embed)

@@ -94,6 +94,8 @@ class TensorParallelTokens:
 
 
 def tp_mesh(groups: ProcessGroups, device: torch.device) -> DeviceMesh:
+    if groups.device_mesh is not None:  # FSDP x TP: one root mesh for both (parallel.fsdp)
+        return groups.device_mesh["tp"]
     return DeviceMesh.from_group(groups.tp, device.type, mesh_dim_names=("tp",))
 
 

@@ -77,23 +77,32 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
+def _is_shard(p: torch.Tensor) -> bool:
+    """Whether this rank holds only part of `p` along a data-parallel (FSDP) mesh dimension."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(p, DTensor) and p._local_tensor.numel() < p.numel() and any(
+        n.startswith("dp") or n == "edp" for n in p.device_mesh.mesh_dim_names or ())
+
+
 def build(cfg, seed=0):
     torch.manual_seed(seed)
     return archs.build(cfg)
 
 
-def reference(cfg, data, steps=STEPS, split: int | None = None):
+def reference(cfg, data, steps=STEPS, split: int | None = None, scaler=False):
     """The single process on every rank's micro-batches in turn; `split` re-cuts each rank's
     sequences into that many micro-batches first (what a pipeline with `parallel.microbatches`
-    feeds its layers: MoE capacity and auxiliary losses are per layer call)."""
+    feeds its layers: MoE capacity and auxiliary losses are per layer call); `scaler`: fp16's
+    loss scaling (any precision: it multiplies and divides back)."""
     model = build(cfg)
     opt = RecordingSGD(model)
+    scaler = DynamicLossScaler(scaler)
 
     def micro(rank_mbs):
         return rank_mbs if split is None else np.array_split(np.concatenate(rank_mbs), split)
 
     results = [train_step(model, ArrayLM(), [mb for rank in data[s] for mb in micro(rank)], opt,
-                          DynamicLossScaler(False), "fp32", CPU, 1.0, _moe_layout(cfg)) for s in range(steps)]
+                          scaler, "fp32", CPU, 1.0, _moe_layout(cfg)) for s in range(steps)]
     return model, opt, results
 
 
@@ -115,16 +124,21 @@ def _layout_worker(rank, world, layout, cfg, data, out):
     groups = build_groups(dims, rank)
     par = parallel.apply(build(cfg), groups, CPU, schedule=layout.get("schedule", "1f1b"),
                          microbatches=layout.get("microbatches"), pp_split=layout.get("pp_split"),
-                         activation_checkpointing=layout.get("activation_checkpointing", False))
+                         fsdp=layout.get("fsdp", False),
+                         activation_checkpointing=layout.get("activation_checkpointing", layout.get("ac", False)),
+                         reshard_after_forward=layout.get("reshard_after_forward", True))
     opt = RecordingSGD(par.model)
     dp_rank = dims.coords(rank)[1]
-    res = [train_step(par, ArrayLM(), data[s][dp_rank], opt, DynamicLossScaler(False), "fp32", CPU, 1.0,
+    scaler = DynamicLossScaler(layout.get("loss_scaler", False))
+    res = [train_step(par, ArrayLM(), data[s][dp_rank], opt, scaler, "fp32", CPU, 1.0,
                       _moe_layout(cfg)) for s in range(len(data))]
     layers = moe_layers(par.model)
     torch.save({"losses": [r.loss for r in res], "aux": [r.aux_loss for r in res],
                 "grad_norms": [r.grad_norm for r in res], "grads": opt.first_grads,
                 "moe": [_moe_counts(r) for r in res],
                 "state": {k: full(v) for k, v in par.model.state_dict().items()},
+                "sharded": {n.replace("_checkpoint_wrapped_module.", ""): _is_shard(p)
+                            for n, p in par.model.named_parameters()},
                 "expert_offset": layers[0].experts.expert_offset if layers and hasattr(layers[0].experts, "expert_offset")
                 else 0}, f"{out}/rank{rank}.pt")
 
@@ -137,7 +151,8 @@ def check_layout(tmp_path, world: int, cfg, layout: dict, micro: int = 2, grad_k
     dims = ParallelDims.build(world, layout.get("ep", 1), num_experts(cfg), tp=layout.get("tp", 1),
                               pp=layout.get("pp", 1), model_cfg=cfg)
     data = step_data(dims.dp, micro)
-    ref_model, ref_opt, ref = reference(cfg, data, split=layout.get("microbatches"))
+    ref_model, ref_opt, ref = reference(cfg, data, split=layout.get("microbatches"),
+                                        scaler=layout.get("loss_scaler", False))
     spawn(_layout_worker, world, layout, cfg, data, str(tmp_path))
     ref_state = ref_model.state_dict()
     n_local = cfg.moe.num_experts // dims.ep if getattr(cfg, "moe", None) else 0

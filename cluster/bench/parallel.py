@@ -8,8 +8,15 @@ the same global batch as one process (1 thread); "loss diff" is the largest per-
 it. Peak memory is each worker's peak resident set (VmHWM, reset before the model is built), and
 "model MiB" the part of it above the process's footprint at that moment (weights, gradients,
 optimizer state, activations, communication buffers; an allocator artefact can make it read lower
-for a larger model). "state MiB" counts tensor bytes instead: the rank's weights (local shards) and
-optimizer state, each storage once. CPU only.
+for a larger model). CPU only.
+
+Model state per worker ("state MiB", FSDP rows): the bytes of parameters, gradients and AdamW
+state this worker holds, counted from the tensors after a step (a DTensor counts its local shard;
+gradients as the parameters they belong to, since a step ends with them freed), and "live MiB" the
+peak of live tensor bytes during one timed step, from the dispatch-mode recorder the architecture
+benchmark uses (cluster/bench/archs.py LiveBytes). "x state" is the state bytes relative to the
+single process. FSDP throughput against DDP: `--repeats N` runs dp2 and fsdp2 interleaved N times
+and reports the median ratio of their tokens/s.
 
 Pipeline bubble: with p stages and m micro-batches per step, GPipe and 1F1B idle (p-1)/(m+p-1) of
 the step (1F1B only holds fewer activations), interleaved 1F1B with v stages per rank
@@ -20,6 +27,7 @@ embedding and head at the ends, send/recv), so it is an upper bound on the bubbl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -35,9 +43,13 @@ from cluster.train import malloc
 from cluster.tasks.lm import LanguageModeling
 
 MODELS = {"small": "default", "moe_small": "moe_small"}  # name -> job config holding the `small` preset
-LAYOUTS = [  # (name, parallel settings); ep only for MoE models
+LAYOUTS = [  # (name, parallel settings); ep only for MoE models; world 2 unless given
     ("dp2", dict()),
+    ("fsdp2", dict(fsdp=True)),
     ("dp2_ep2", dict(ep=2)),
+    ("fsdp2_ep2", dict(ep=2, fsdp=True)),
+    ("dp4_ep2", dict(ep=2, world=4)),  # EP=2 x EDP=2
+    ("fsdp4_ep2", dict(ep=2, world=4, fsdp=True)),
     ("tp2", dict(tp=2)),
     ("pp2_gpipe", dict(pp=2, schedule="gpipe")),
     ("pp2_1f1b", dict(pp=2, schedule="1f1b")),
@@ -102,32 +114,27 @@ def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[li
         par_or_model.prepare_optimizer(opt)
     moe = getattr(cfg, "moe", None)
     layout = (cfg.moe_layer_ids, moe.num_experts) if moe is not None else None
-    losses, times = [], []
+    from cluster.bench.archs import LiveBytes
+    from parallel.fsdp import sharded_bytes
+
+    losses, times, live = [], [], 0
     for step, batch in enumerate(data):
         share = np.array_split(batch, dp)[dp_rank]
         mbs = [share[i:i + micro_rows] for i in range(0, len(share), micro_rows)]
+        record = step == warmup  # one timed step under the recorder (it slows every op: not timed)
         t0 = time.perf_counter()
-        r = train_step(par_or_model, _ArrayLM(), mbs, opt, DynamicLossScaler(False), "fp32", torch.device("cpu"), 1.0, layout)
-        times.append(time.perf_counter() - t0)
+        with (LiveBytes() if record else contextlib.nullcontext()) as rec:
+            r = train_step(par_or_model, _ArrayLM(), mbs, opt, DynamicLossScaler(False), "fp32", torch.device("cpu"),
+                           1.0, layout)
+        if record:
+            live = rec.peak
+        else:
+            times.append(time.perf_counter() - t0)
         losses.append(r.loss)
-    return losses, times[warmup:], _state_mib(model, opt)
-
-
-def _state_mib(model, opt) -> float:
-    """MiB of this rank's tensors that persist across steps: its weights (local shards) and optimizer
-    state, each storage once. Unlike the resident-set figures it is the same on every run."""
-    from torch.distributed.tensor import DTensor
-
-    seen, total = set(), 0
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        t = t.to_local() if isinstance(t, DTensor) else t
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total / 2 ** 20
+    state = sharded_bytes(model, opt)
+    state["grads"] = state["params"]  # each parameter's gradient is the size of what it holds
+    _train.last = {"state_bytes": sum(state.values()), "state": state, "live_bytes": live}
+    return losses, times[warmup:] if len(times) > warmup else times
 
 
 def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str) -> None:
@@ -149,13 +156,13 @@ def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str)
                               pp=layout.get("pp", 1), model_cfg=cfg)
     groups = build_groups(dims, rank)
     torch.manual_seed(0)
-    par = parallel.apply(archs.build(cfg), groups, torch.device("cpu"), schedule=layout.get("schedule", "1f1b"))
-    data = _data(args.warmup + args.steps, args.batch, args.seq_len)
-    losses, times, state = _train(par, cfg, data, args.micro_batch, dims.coords(rank)[1], dims.dp, args.warmup)
+    par = parallel.apply(archs.build(cfg), groups, torch.device("cpu"), schedule=layout.get("schedule", "1f1b"),
+                         fsdp=layout.get("fsdp", False))
+    data = _data(args.warmup + 1 + args.steps, args.batch, args.seq_len)
+    losses, times = _train(par, cfg, data, args.micro_batch, dims.coords(rank)[1], dims.dp, args.warmup)
     peak = _status_mib("VmHWM")
     torch.save({"losses": losses, "seconds": statistics.median(times), "peak_mib": peak, "model_mib": peak - base,
-                "state_mib": state},
-               f"{out}/rank{rank}.pt")
+                **_train.last}, f"{out}/rank{rank}.pt")
     del par
     dist.destroy_process_group()
 
@@ -181,41 +188,70 @@ def run(args) -> list[dict]:
         torch.manual_seed(0)
         _reset_peak()
         before = _status_mib("VmRSS")
-        data = _data(args.warmup + args.steps, args.batch, args.seq_len)
-        ref_losses, ref_times, ref_state = _train(archs.build(cfg), cfg, data, args.micro_batch, 0, 1, args.warmup)
+        data = _data(args.warmup + 1 + args.steps, args.batch, args.seq_len)
+        ref_losses, ref_times = _train(archs.build(cfg), cfg, data, args.micro_batch, 0, 1, args.warmup)
+        single = _train.last
         single_s = statistics.median(ref_times)
-        results.append(dict(model=name, layout="single_process", tokens_per_s=tokens / single_s, seconds=single_s,
-                            peak_mib=[_status_mib("VmHWM")], model_mib=[_status_mib("VmHWM") - before],
-                            state_mib=[ref_state], loss_diff=0.0,
-                            expected_bubble=None, measured_bubble=None))
+        results.append(dict(model=name, layout="single_process", world=1, tokens_per_s=tokens / single_s,
+                            seconds=single_s, peak_mib=[_status_mib("VmHWM")], model_mib=[_status_mib("VmHWM") - before],
+                            loss_diff=0.0, expected_bubble=None, measured_bubble=None, state_bytes=[single["state_bytes"]],
+                            state=[single["state"]], live_bytes=[single["live_bytes"]], state_ratio=1.0))
         _print_row(results[-1])
         for layout_name, layout in LAYOUTS:
             if "ep" in layout and getattr(cfg, "moe", None) is None:
                 continue
+            if args.layouts and layout_name not in args.layouts:
+                continue
+            world = layout.get("world", 2)
+            if args.batch % (world * args.micro_batch):
+                continue
             with tempfile.TemporaryDirectory() as tmp:
-                mp.start_processes(_worker, args=(2, _free_port(), cfg, layout, args, tmp), nprocs=2,
+                mp.start_processes(_worker, args=(world, _free_port(), cfg, layout, args, tmp), nprocs=world,
                                    start_method="spawn")
-                ranks = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(2)]
+                ranks = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
             seconds = max(r["seconds"] for r in ranks)
             p = layout.get("pp", 1)
             micro = args.batch // args.micro_batch  # pipeline layouts here have dp = 1
             results.append(dict(
-                model=name, layout=layout_name, tokens_per_s=tokens / seconds, seconds=seconds,
+                model=name, layout=layout_name, world=world, tokens_per_s=tokens / seconds, seconds=seconds,
+                state_bytes=[r["state_bytes"] for r in ranks], state=[r["state"] for r in ranks],
+                live_bytes=[r["live_bytes"] for r in ranks],
+                state_ratio=max(r["state_bytes"] for r in ranks) / single["state_bytes"],
                 peak_mib=[r["peak_mib"] for r in ranks], model_mib=[r["model_mib"] for r in ranks],
-                state_mib=[r["state_mib"] for r in ranks], loss_diff=float(max(abs(a - b) for a, b in zip(ranks[0]["losses"], ref_losses))),
+                loss_diff=float(max(abs(a - b) for a, b in zip(ranks[0]["losses"], ref_losses))),
                 expected_bubble=expected_bubble(layout, micro),
                 measured_bubble=1 - (single_s / p) / seconds if p > 1 else None))
             _print_row(results[-1])
+        if args.repeats:
+            results.append(_interleaved(cfg, name, args, tokens))
     return results
+
+
+def _interleaved(cfg, name: str, args, tokens: int) -> dict:
+    """dp2 and fsdp2 alternately `args.repeats` times: the median ratio of FSDP's tokens/s to DDP's."""
+    import torch.multiprocessing as mp
+
+    ratios = []
+    for i in range(args.repeats):
+        seconds = {}
+        for layout_name, layout in (("dp2", {}), ("fsdp2", {"fsdp": True})):
+            with tempfile.TemporaryDirectory() as tmp:
+                mp.start_processes(_worker, args=(2, _free_port(), cfg, layout, args, tmp), nprocs=2,
+                                   start_method="spawn")
+                seconds[layout_name] = max(torch.load(f"{tmp}/rank{r}.pt", weights_only=True)["seconds"]
+                                           for r in range(2))
+        ratios.append(seconds["dp2"] / seconds["fsdp2"])
+        print(f"{name:10s} interleaved run {i + 1}: fsdp2 / dp2 tokens/s = {ratios[-1]:.3f}", flush=True)
+    return dict(model=name, layout="fsdp2_vs_dp2_interleaved", ratios=ratios, median_ratio=statistics.median(ratios))
 
 
 def _print_row(r: dict) -> None:
     bubble = (f"{100 * r['expected_bubble']:5.1f}% / {100 * r['measured_bubble']:5.1f}%"
               if r["expected_bubble"] is not None else "")
+    state = f"{max(r['state_bytes']) / 2 ** 20:8.1f} {r['state_ratio']:5.2f}x {max(r['live_bytes']) / 2 ** 20:8.1f}"
     print(f"{r['model']:10s} {r['layout']:16s} {r['tokens_per_s']:9.0f} {r['seconds'] * 1e3:9.0f} "
           f"{' / '.join(f'{m:5.0f}' for m in r['peak_mib']):>13s} {' / '.join(f'{m:5.0f}' for m in r['model_mib']):>13s} "
-          f"{' / '.join(f'{m:5.0f}' for m in r['state_mib']):>13s} "
-          f"{r['loss_diff']:9.1e}  {bubble}", flush=True)
+          f"{state} {r['loss_diff']:9.1e}  {bubble}", flush=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -227,6 +263,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="sequences per step (global batch)")
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--layouts", nargs="+", choices=[n for n, _ in LAYOUTS], default=None,
+                   help="only these layouts (default: all; the single process always runs)")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="also run dp2 and fsdp2 interleaved this many times (median FSDP/DDP throughput ratio)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     if args.batch % (2 * args.micro_batch):
@@ -242,8 +282,8 @@ def main(argv: list[str] | None = None, from_cli: bool = False) -> int:
     print(f"parallel layouts: {', '.join(args.models)}, {args.batch} x {args.seq_len} tokens/step, micro-batch "
           f"{args.micro_batch}, {args.steps} timed steps, fp32 cpu, 1 thread per process, "
           f"{'caching' if malloc.active() else 'system'} malloc", file=sys.stderr, flush=True)
-    print(f"{'model':10s} {'layout':16s} {'tokens/s':>9s} {'ms/step':>9s} {'peak MiB/rk':>13s} {'model MiB/rk':>13s} {'state MiB/rk':>13s} "
-          f"{'loss diff':>9s}  bubble expected / measured")
+    print(f"{'model':10s} {'layout':16s} {'tokens/s':>9s} {'ms/step':>9s} {'peak MiB/rk':>13s} {'model MiB/rk':>13s} "
+          f"{'state MiB':>8s} {'x state':>6s} {'live MiB':>8s} {'loss diff':>9s}  bubble expected / measured")
     results = run(args)
     if args.out:
         meta = {"device": "cpu", "dtype": "fp32", "threads_per_process": 1, "torch": torch.__version__,

@@ -107,6 +107,13 @@ class ParallelConfig:
                                    "train.micro_batch_size micro-batches"] = None
     pp_split: Annotated[list[int] | None, "first layer of every pipeline stage after the first, e.g. [3]; "
                                      "null = an even cut by layer count"] = None
+    fsdp: Annotated[bool | int, "shard weights, gradients and AdamW state (FSDP2): true = dense weights over all "
+                                "data-parallel ranks, experts over their expert group; a degree d = shard over d "
+                                "ranks, replicate over dp / d (HSDP); false = replicate (DDP)"] = False
+    fsdp_meta_init: Annotated[bool, "FSDP without tp/pp: build the model on the meta device, each worker "
+                                    "materialising only its shards (same values as the ordinary build)"] = True
+    fsdp_reshard_after_forward: Annotated[bool, "FSDP: free each block's gathered weights after its forward and "
+                                                "gather again in backward (less memory, one more all-gather)"] = True
 
     def __post_init__(self):
         for name in ("tp", "pp"):
@@ -118,6 +125,8 @@ class ParallelConfig:
             raise ValueError(f"ep: must be >= 1 or 'auto', got {self.ep}")
         if self.microbatches is not None and self.microbatches < 1:
             raise ValueError(f"microbatches: must be >= 1 or null, got {self.microbatches}")
+        if not isinstance(self.fsdp, bool) and self.fsdp < 0:
+            raise ValueError(f"fsdp: must be true, false or a degree >= 1, got {self.fsdp}")
         if self.pp == 1 and (self.microbatches is not None or self.pp_split is not None):
             raise ValueError("microbatches/pp_split: only used with pipeline parallelism (pp > 1); "
                              "without it, train.micro_batch_size sets the micro-batches")
@@ -206,6 +215,7 @@ class JobConfig:
             try:
                 dims = self.parallel_dims(world)
                 self._check_pipeline(dims)
+                self._check_fsdp(dims)
             except ValueError as e:
                 raise ConfigError(f"{e}{at}") from None
             if t.global_batch_size % (t.micro_batch_size * dims.dp):
@@ -235,6 +245,14 @@ class JobConfig:
         except kernels.BackendUnavailable as e:
             raise ConfigError(f"model.moe.backend: {e} (train.precision={self.train.precision}, "
                               f"cluster.use_gpu={self.cluster.use_gpu}); or use backend: auto") from None
+
+    def _check_fsdp(self, dims: ParallelDims) -> None:
+        from parallel.fsdp import check_degree, refused
+
+        check_degree(self.parallel.fsdp, dims.dp)
+        problem = refused(self.parallel.fsdp, dims, self.model, self.parallel.schedule)
+        if problem:
+            raise ValueError(problem)
 
     def _check_pipeline(self, dims: ParallelDims) -> None:
         if dims.pp == 1:

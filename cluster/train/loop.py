@@ -51,12 +51,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Every rank of a data-parallel replica (its TP ranks and pipeline stages) reads its data.
     batches = task.train_batches(t.global_batch_size, t.micro_batch_size, dp_rank, dims.dp, t.seed)
     eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, dp_rank, dims.dp)
-    model = archs.build(job.model).to(device)
-    flops_per_token = model.flops_per_token(batches.dataset.seq_len)  # the whole model, before it is cut
     p = job.parallel
-    # tensor -> pipeline -> expert -> activation checkpointing -> data parallel (parallel/__init__.py)
+    # FSDP (without TP/PP): the model is traced on the meta device and each rank materialises only
+    # its shards after sharding (parallel/meta_init.py); the values equal the ordinary build's.
+    meta_init = bool(p.fsdp) and p.fsdp_meta_init and dims.tp == 1 and dims.pp == 1 and dims.dp > 1
+    if meta_init:
+        from parallel.meta_init import expert_place, materialize, trace_build
+
+        rng = torch.get_rng_state()
+        trace = trace_build(lambda: archs.build(job.model))
+        model = trace.model
+    else:
+        model = archs.build(job.model).to(device)
+    flops_per_token = model.flops_per_token(batches.dataset.seq_len)  # the whole model, before it is cut
+    # tensor -> pipeline -> expert -> activation checkpointing -> FSDP / data parallel (parallel/__init__.py)
     par = parallel.apply(model, groups, device, schedule=p.schedule, microbatches=p.microbatches,
-                         pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing)
+                         pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing,
+                         fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision)
+    if meta_init:
+        materialize(trace, par.model, rng, expert_place(par.model), device)
     model = par.model  # this rank's share: what the optimizer steps and checkpoints hold
     optimizer = par.prepare_optimizer(build_optimizer(model, t.lr, t.weight_decay, t.betas))
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)

@@ -119,6 +119,7 @@ class DynamicLossScaler:
             return False
         found = torch.zeros((), device=grads[0].device)
         for g in grads:
+            g = g._local_tensor if hasattr(g, "_local_tensor") else g  # a DTensor shard (TP, FSDP): its own part
             g.mul_(1.0 / self.scale)
             found = torch.maximum(found, (~torch.isfinite(g)).any().float())
         if dist.is_initialized():
