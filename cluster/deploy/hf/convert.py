@@ -178,40 +178,10 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     if checkpoint.list_checkpoints(run_dir):
         raise FileExistsError(f"{run_dir} already holds checkpoints; import into a new run name")
     reader = SafetensorsDir(hf_dir)
-    with torch.device("meta"):  # shapes and keys only: nothing allocated
-        skeleton = archs.build(model_cfg)
-    shapes = skeleton.state_dict()
-    checkpoint.split_experts(skeleton, shapes)  # the per-expert keys every checkpoint uses
-    plan = tensor_plan(model_cfg, fam.names)
-    progress(f"{fam.model_type} -> raymoe {model_cfg.arch}: {len(plan)} tensors from {len(reader.handles)} "
-             f"file(s), {reader.bytes / 2**20:.1f} MB")
-    state: dict[str, torch.Tensor] = {}
-    used = set()
-    for n, t in enumerate(plan):
-        try:
-            parts = [reader.get(k) for k in t.theirs]
-        except KeyError as e:
-            raise ValueError(f"{hf_dir}: tensor {e.args[0]} is missing (needed for raymoe {t.ours}); the "
-                             "checkpoint does not match its config.json") from None
-        used.update(t.theirs)
-        x = to_raymoe(t, parts).float()
-        del parts
-        want = shapes[t.ours].shape
-        if tuple(x.shape) != tuple(want):
-            raise ValueError(f"{hf_dir}: {', '.join(t.theirs)} gives raymoe {t.ours} of shape {tuple(x.shape)}, "
-                             f"config.json implies {tuple(want)}")
-        state[t.ours] = x
-        if (n + 1) % 200 == 0:
-            progress(f"  {n + 1}/{len(plan)} tensors")
-    unused = sorted(k for k in reader.weight_map if k not in used and not k.endswith(IGNORED_TENSORS))
-    if unused:
-        raise ValueError(f"{hf_dir}: {len(unused)} tensors have no place in the raymoe model (first: {unused[0]}); "
-                         "the config does not describe them")
-    for key, meta_t in shapes.items():  # buffers raymoe adds (the balancing bias): their initial value
-        if key not in state:
-            if not key.endswith("expert_bias"):
-                raise ValueError(f"raymoe {key} has no Hugging Face source tensor (family table incomplete)")
-            state[key] = torch.zeros(meta_t.shape, dtype=meta_t.dtype)
+    progress(f"{fam.model_type} -> raymoe {model_cfg.arch}: tensors from {len(reader.handles)} file(s), "
+             f"{reader.bytes / 2**20:.1f} MB")
+    state = convert_weights(model_cfg, fam, reader.get, list(reader.weight_map), str(hf_dir), progress)
+    n_tensors = len(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_weights(ckpt, state, model_cfg, {"imported_from": str(hf_dir.resolve()),
                                                     "hf_model_type": fam.model_type})
@@ -227,8 +197,63 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     wall = time.perf_counter() - t0
     progress(f"wrote {ckpt} in {wall:.1f} s" + (f"; tokenizer: {tok.vocab_size} tokens" if tok else "; no tokenizer.json"))
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "model_type": fam.model_type, "arch": model_cfg.arch,
-            "model": model_dict, "bytes_on_disk": reader.bytes, "tensors": len(plan), "wall_s": wall,
+            "model": model_dict, "bytes_on_disk": reader.bytes, "tensors": n_tensors, "wall_s": wall,
             "tokenizer_vocab": tok.vocab_size if tok else None}
+
+
+def convert_weights(model_cfg, fam: HFFamily, get: Callable[[str], torch.Tensor], hub_names: list[str],
+                    where: str, progress: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """raymoe checkpoint entries (fp32, experts split per global index) from hub tensors fetched one
+    at a time by `get(name)`; every hub tensor must find a place, every raymoe weight a source."""
+    with torch.device("meta"):  # shapes and keys only: nothing allocated
+        skeleton = archs.build(model_cfg)
+    shapes = skeleton.state_dict()
+    checkpoint.split_experts(skeleton, shapes)  # the per-expert keys every checkpoint uses
+    plan = tensor_plan(model_cfg, fam.names)
+    state: dict[str, torch.Tensor] = {}
+    used = set()
+    for n, t in enumerate(plan):
+        try:
+            parts = [get(k) for k in t.theirs]
+        except KeyError as e:
+            raise ValueError(f"{where}: tensor {e.args[0]} is missing (needed for raymoe {t.ours}); the "
+                             "checkpoint does not match its config.json") from None
+        used.update(t.theirs)
+        x = to_raymoe(t, parts).float()
+        del parts
+        want = shapes[t.ours].shape
+        if tuple(x.shape) != tuple(want):
+            raise ValueError(f"{where}: {', '.join(t.theirs)} gives raymoe {t.ours} of shape {tuple(x.shape)}, "
+                             f"config.json implies {tuple(want)}")
+        state[t.ours] = x
+        if (n + 1) % 500 == 0:
+            progress(f"  {n + 1}/{len(plan)} tensors")
+    if model_cfg.tie_embeddings and "lm_head.weight" in hub_names:  # a tied copy some checkpoints store
+        if not torch.equal(get("lm_head.weight").float(), state["embed.weight"]):
+            raise ValueError(f"{where}: tie_word_embeddings is true but lm_head.weight differs from "
+                             "model.embed_tokens.weight; set tie_word_embeddings: false in config.json")
+        used.add("lm_head.weight")
+    unused = sorted(k for k in hub_names if k not in used and not k.endswith(IGNORED_TENSORS))
+    if unused:
+        raise ValueError(f"{where}: {len(unused)} tensors have no place in the raymoe model (first: {unused[0]}); "
+                         "the config does not describe them")
+    for key, meta_t in shapes.items():  # buffers raymoe adds (the balancing bias): their initial value
+        if key not in state:
+            if not key.endswith("expert_bias"):
+                raise ValueError(f"raymoe {key} has no Hugging Face source tensor (family table incomplete)")
+            state[key] = torch.zeros(meta_t.shape, dtype=meta_t.dtype)
+    return state
+
+
+def model_from_hub_tensors(config: dict, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """In memory, no files: the raymoe model of a Hugging Face config dict and state dict."""
+    fam = family_of(config, "config")
+    model_cfg = model_from_dict(to_raymoe_config(config))
+    state = convert_weights(model_cfg, fam, tensors.__getitem__, list(tensors), "state dict")
+    model = archs.build(model_cfg)
+    checkpoint.merge_experts(checkpoint.expert_layout(model), state)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def import_tokenizer(hf_dir: Path, out: Path, config: dict) -> HFTokenizer | None:

@@ -334,7 +334,7 @@ def _hf_mixtral(cfg, base: dict) -> dict:
     if not cfg.moe.renormalize and cfg.moe.top_k > 1:
         raise HFConfigError("model.moe.renormalize: Mixtral always renormalises its top-k weights")
     out = _hf_common(cfg, base, "mixtral", "MixtralForCausalLM")
-    out.update(_moe_hf(cfg, "Mixtral", norm_field=False), num_local_experts=cfg.moe.num_experts,
+    out.update(**_moe_hf(cfg, "Mixtral", norm_field=False), num_local_experts=cfg.moe.num_experts,
                intermediate_size=cfg.moe.expert_hidden, head_dim=cfg.attn_head_dim, router_jitter_noise=0.0)
     return out
 
@@ -350,7 +350,7 @@ def _hf_qwen2_moe(cfg, base: dict) -> dict:
     if bool(m.shared_expert_hidden) != m.shared_expert_gate:
         raise HFConfigError("model.moe.shared_expert_gate: Qwen2-MoE's shared expert always has its sigmoid gate")
     out = _hf_common(cfg, base, "qwen2_moe", "Qwen2MoeForCausalLM")
-    out.update(_moe_hf(cfg, "Qwen2-MoE"), _sparse_hf(cfg), num_experts=m.num_experts,
+    out.update(**_moe_hf(cfg, "Qwen2-MoE"), **_sparse_hf(cfg), num_experts=m.num_experts,
                moe_intermediate_size=m.expert_hidden, shared_expert_intermediate_size=m.shared_expert_hidden or 0,
                qkv_bias=cfg.attn_bias == "qkv", layer_types=["full_attention"] * cfg.n_layers)
     return out
@@ -362,7 +362,7 @@ def _hf_qwen3_moe(cfg, base: dict) -> dict:
         raise HFConfigError("model.moe.shared_expert_hidden: Qwen3-MoE has no shared expert")
     out = _hf_common(cfg, base, "qwen3_moe", "Qwen3MoeForCausalLM")
     out.pop("num_experts", None)
-    out.update(_moe_hf(cfg, "Qwen3-MoE"), _sparse_hf(cfg), num_local_experts=cfg.moe.num_experts,
+    out.update(**_moe_hf(cfg, "Qwen3-MoE"), **_sparse_hf(cfg), num_local_experts=cfg.moe.num_experts,
                moe_intermediate_size=cfg.moe.expert_hidden, head_dim=cfg.attn_head_dim,
                attention_bias=cfg.attn_bias == "qkvo")
     return out
@@ -372,7 +372,7 @@ def _hf_olmoe(cfg, base: dict) -> dict:
     _refuse_options(cfg, "OLMoE", qk_norm=("full",), attn_bias=("none", "qkvo"), head_dim=(None, cfg.d_model // cfg.n_heads))
     _all_moe(cfg, "OLMoE")
     out = _hf_common(cfg, base, "olmoe", "OlmoeForCausalLM")
-    out.update(_moe_hf(cfg, "OLMoE"), num_experts=cfg.moe.num_experts, intermediate_size=cfg.moe.expert_hidden,
+    out.update(**_moe_hf(cfg, "OLMoE"), num_experts=cfg.moe.num_experts, intermediate_size=cfg.moe.expert_hidden,
                attention_bias=cfg.attn_bias == "qkvo", clip_qkv=None)
     return out
 
