@@ -252,7 +252,7 @@ def test_hub_style_rope_theta_and_rope_scaling_are_read(tmp_path):
         assert float((logits_of(hf, x) - ours(x)).abs().max()) < TOL
 
 
-def test_import_job_cli_and_bad_inputs(tmp_path):
+def test_import_job_cli_and_bad_inputs(tmp_path, capsys):
     src = tmp_path / "src"
     write_hf_dir("olmoe", src, max_shard_size=None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -261,11 +261,11 @@ def test_import_job_cli_and_bad_inputs(tmp_path):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "jobs.train --config" in ok.stdout and (tmp_path / "runs" / "m" / "data" / "meta.json").is_file()
-    again = subprocess.run(run + [str(src), "--name", "m", "--storage", str(tmp_path / "runs")], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+    from jobs.import_hf import main
+
+    assert main([str(src), "--name", "m", "--storage", str(tmp_path / "runs")]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
     (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), "clip_qkv": 2.0}))
-    bad = subprocess.run(run + [str(src), "--name", "n", "--storage", str(tmp_path / "runs")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "'clip_qkv'" in bad.stderr
+    assert main([str(src), "--name", "n", "--storage", str(tmp_path / "runs")]) == 2
+    assert "'clip_qkv'" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "n").exists()  # refused before anything is written
