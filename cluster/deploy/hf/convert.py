@@ -291,7 +291,8 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max
 
     run_dir, out = Path(run_dir), Path(out)
     t0 = time.perf_counter()
-    model, tok, ckpt = load_run(run_dir, step)
+    has_tok = (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    model, tok, ckpt = load_run(run_dir, step, tokenizer=has_tok)
     cfg = model.cfg
     src = run_dir / SOURCE_DIR
     base = read_json(src / "config.json", required=False)
