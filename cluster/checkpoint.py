@@ -194,8 +194,11 @@ def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> No
     check_model(read_meta(path), model_cfg, path)
     state = {"model": model.state_dict()}
     layout = split_experts(model, state["model"])
+    targets = {k: v.data_ptr() for k, v in state["model"].items()}
     dcp_load(state, path, no_dist=True)
-    merge_experts(layout, state["model"])
+    if all(state["model"][k].data_ptr() == p for k, p in targets.items()):
+        return  # DCP read into the model's own storage (the expert entries are views of it): done
+    merge_experts(layout, state["model"])  # NOTE: stacks a second copy of the experts
     model.load_state_dict(state["model"])
 
 

@@ -7,7 +7,7 @@
 
 HF_DIR holds config.json, model.safetensors (or model-*.safetensors + model.safetensors.index.json),
 and optionally tokenizer.json, tokenizer_config.json, generation_config.json. Weights stream one
-tensor at a time from the memory-mapped files into a weights-only checkpoint (step 0). Every
+tensor at a time (positioned reads of the safetensors files) into a weights-only checkpoint (step 0). Every
 config field is honoured or refused by name (cluster/deploy/hf/families.py). With a tokenizer,
 the built-in pydoc corpus is tokenized into RUN_DIR/data for training (--data none: skip).
 """

@@ -269,3 +269,20 @@ def test_import_job_cli_and_bad_inputs(tmp_path, capsys):
     assert main([str(src), "--name", "n", "--storage", str(tmp_path / "runs")]) == 2
     assert "'clip_qkv'" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "n").exists()  # refused before anything is written
+
+
+def test_import_and_export_peak_memory_stay_below_one_and_a_half_model_sizes(tmp_path):
+    """A 65 MB model (sharded) imported and exported, each in a fresh process with glibc's default
+    malloc (the caching settings would keep freed blocks and hide the true peak)."""
+    from cluster.bench.hf import bench_config, measure, write_random_hub_dir
+
+    src = tmp_path / "src"
+    nbytes = write_random_hub_dir(bench_config(layers=2, width=256, experts=16, top_k=4, expert_hidden=512,
+                                               vocab=8000), src, shard_bytes=20 * 2**20)
+    imp = measure("import", src, tmp_path / "run")
+    exp = measure("export", tmp_path / "run", tmp_path / "export")
+    print(f"[hf] peak RSS above baseline: import {imp['peak_rss_above_baseline_bytes'] / nbytes:.2f}x, "
+          f"export {exp['peak_rss_above_baseline_bytes'] / nbytes:.2f}x of {nbytes / 2**20:.0f} MB")
+    assert imp["peak_rss_above_baseline_bytes"] < 1.5 * nbytes
+    assert exp["peak_rss_above_baseline_bytes"] < 1.5 * nbytes
+    assert safetensors_layout(tmp_path / "export") == safetensors_layout(src)

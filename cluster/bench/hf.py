@@ -95,9 +95,20 @@ def _status_kb(field: str) -> int:
 
 
 def child(kind: str, src: str, dst: str) -> dict:
-    """In a fresh process: run the import or export once; seconds and peak RSS above the baseline."""
+    """In a fresh process: run the import or export once; seconds and peak RSS above the baseline.
+
+    The baseline is taken after the same conversion ran once on a tiny model, so that it holds
+    the libraries, thread pools and lazily imported modules (about 30 MB): the figure is what the
+    model itself costs.
+    """
+    import tempfile
+
     from cluster.deploy.hf import export_hf, import_hf
 
+    with tempfile.TemporaryDirectory() as tmp:
+        write_random_hub_dir(bench_config(1, 64, 4, 2, 32, 64), Path(tmp) / "src")
+        import_hf(Path(tmp) / "src", Path(tmp) / "run", progress=lambda m: None)
+        export_hf(Path(tmp) / "run", Path(tmp) / "export", progress=lambda m: None)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on
     base = _status_kb("VmRSS")
     t0 = time.perf_counter()

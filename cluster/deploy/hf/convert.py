@@ -1,8 +1,8 @@
 """Streaming conversion between a Hugging Face model directory and a raymoe run directory.
 
 Import reads `config.json`, maps it to a raymoe model config (families.py), then reads the
-safetensors files (one, or sharded with `model.safetensors.index.json`) tensor by tensor through
-memory-mapped `safe_open`, converts each to raymoe's layout and writes a weights-only checkpoint
+safetensors files (one, or sharded with `model.safetensors.index.json`) tensor by tensor with
+positioned reads (`SafetensorsFile`: the header gives each tensor's byte range), converts each to raymoe's layout and writes a weights-only checkpoint
 (cluster/checkpoint.py `save_weights`): the step-0 starting point that `jobs.train --name` trains
 from on any layout. Export loads a run's checkpoint on one process (every expert, whatever layout
 wrote it) and writes the family's hub layout: per-expert tensors with the names `save_pretrained`
@@ -87,11 +87,18 @@ def _mlp(ours: str, theirs: str) -> list[Tensor]:
 
 
 def to_raymoe(t: Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """fp32 raymoe tensor; transposes are copied straight into their final buffer (one allocation,
+    no intermediate concatenation), so converting costs one tensor's memory beyond its sources."""
     if t.kind == "w13":
-        return torch.cat(parts, 0).t().contiguous()
+        gate, up = parts
+        F_ = gate.shape[0]
+        out = torch.empty(gate.shape[1], 2 * F_, dtype=torch.float32)
+        out[:, :F_].copy_(gate.t())
+        out[:, F_:].copy_(up.t())
+        return out
     if t.kind == "w2":
-        return parts[0].t().contiguous()
-    return parts[0]
+        return torch.empty(parts[0].shape[::-1], dtype=torch.float32).copy_(parts[0].t())
+    return parts[0].float()
 
 
 def to_hub(t: Tensor, x: torch.Tensor) -> list[torch.Tensor]:
@@ -103,16 +110,73 @@ def to_hub(t: Tensor, x: torch.Tensor) -> list[torch.Tensor]:
     return [x]
 
 
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One safetensors file read tensor by tensor with positioned reads (`os.pread`).
+
+    NOTE: not through an mmap: pages of a mapped file stay resident (and count in the process's
+    peak RSS) until it is unmapped, so reading a 5 GB shard through one would hold it all. Here
+    each tensor is read into its own buffer, converted, and the buffer freed.
+    """
+
+    def __init__(self, path: Path):
+        import os
+
+        self.path, self.fd = path, os.open(path, os.O_RDONLY)
+        head = os.pread(self.fd, 8, 0)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self.entries, self.data_start = header, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        import os
+
+        e = self.entries[name]
+        if e["dtype"] not in ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has dtype {e['dtype']}, which the importer does not read")
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):  # pread may return fewer bytes than asked for
+            chunk = os.pread(self.fd, len(buf) - done, self.data_start + begin + done)
+            if not chunk:
+                raise ValueError(f"{self.path}: truncated (tensor {name} ends past the end of the file)")
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        dtype = ST_DTYPES[e["dtype"]]
+        if not buf:
+            return torch.empty(e["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e["shape"])  # shares buf: no copy
+
+    def close(self) -> None:
+        import os
+
+        os.close(self.fd)
+
+
 class SafetensorsDir:
-    """The tensors of a model directory, read one at a time from memory-mapped files."""
+    """The tensors of a model directory (one file, or shards with their index), one at a time."""
 
     def __init__(self, root: Path):
-        from safetensors import safe_open
-
         self.root = root
         index = root / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: has no weight_map")
             files = sorted(set(weight_map.values()))
         elif (root / "model.safetensors").is_file():
             files, weight_map = ["model.safetensors"], None
@@ -122,20 +186,28 @@ class SafetensorsDir:
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{root}: shard {missing[0]} named in model.safetensors.index.json is missing")
-        self.handles = {f: safe_open(str(root / f), framework="pt") for f in files}
+        self.handles = {f: SafetensorsFile(root / f) for f in files}
         if weight_map is None:
             weight_map = {k: files[0] for k in self.handles[files[0]].keys()}
+        for name, f in weight_map.items():
+            if name not in self.handles[f].entries:
+                raise ValueError(f"{root}: the index puts {name} in {f}, which does not hold it")
         self.weight_map = weight_map
         self.bytes = sum((root / f).stat().st_size for f in files)
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.weight_map:
             raise KeyError(name)
-        return self.handles[self.weight_map[name]].get_tensor(name)
+        return self.handles[self.weight_map[name]].get(name)
 
     def dtype(self) -> torch.dtype:
         first = next(iter(self.weight_map))
-        return self.get(first).dtype
+        f = self.handles[self.weight_map[first]]
+        return ST_DTYPES.get(f.entries[first]["dtype"], torch.float32)
+
+    def close(self) -> None:
+        for h in self.handles.values():
+            h.close()
 
 
 def read_json(path: Path, required: bool = True) -> dict:
@@ -180,7 +252,11 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     reader = SafetensorsDir(hf_dir)
     progress(f"{fam.model_type} -> raymoe {model_cfg.arch}: tensors from {len(reader.handles)} file(s), "
              f"{reader.bytes / 2**20:.1f} MB")
-    state = convert_weights(model_cfg, fam, reader.get, list(reader.weight_map), str(hf_dir), progress)
+    try:
+        state = convert_weights(model_cfg, fam, reader.get, list(reader.weight_map), str(hf_dir), progress)
+        source_dtype = str(reader.dtype()).removeprefix("torch.")
+    finally:
+        reader.close()
     n_tensors = len(state)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_weights(ckpt, state, model_cfg, {"imported_from": str(hf_dir.resolve()),
@@ -191,7 +267,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     for f in ("config.json", "generation_config.json"):
         if (hf_dir / f).is_file():
             shutil.copy2(hf_dir / f, src / f)
-    source_dtype = config.get("dtype") or config.get("torch_dtype") or str(reader.dtype()).removeprefix("torch.")
+    source_dtype = config.get("dtype") or config.get("torch_dtype") or source_dtype
     (src / "raymoe_import.json").write_text(json.dumps({"model_type": fam.model_type, "dtype": source_dtype}, indent=1))
     tok = import_tokenizer(hf_dir, run_dir / "tokenizer", config)
     wall = time.perf_counter() - t0
@@ -219,7 +295,7 @@ def convert_weights(model_cfg, fam: HFFamily, get: Callable[[str], torch.Tensor]
             raise ValueError(f"{where}: tensor {e.args[0]} is missing (needed for raymoe {t.ours}); the "
                              "checkpoint does not match its config.json") from None
         used.update(t.theirs)
-        x = to_raymoe(t, parts).float()
+        x = to_raymoe(t, parts)
         del parts
         want = shapes[t.ours].shape
         if tuple(x.shape) != tuple(want):
@@ -269,24 +345,48 @@ def import_tokenizer(hf_dir: Path, out: Path, config: dict) -> HFTokenizer | Non
     return tok
 
 
-def hub_tensors(model: torch.nn.Module, plan: list[Tensor], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hub name, tensor) pairs in plan order, converted one raymoe tensor at a time."""
+def hub_views(model: torch.nn.Module, plan: list[Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """(hub name, view of the model's weight) in plan order: transposes and slices, no copies."""
     sd = model.state_dict()
+    out = []
     for t in plan:
         if t.kind == "same":
             x = sd[t.ours]
         else:  # experts: checkpoint key ...w13.expert{e} -> row e of the stacked parameter
             stacked, e = t.ours.rsplit(".expert", 1)
             x = sd[stacked][int(e)]
-        for name, part in zip(t.theirs, to_hub(t, x)):
-            yield name, part.detach().to(dtype).contiguous()
+        out += [(name, part.detach()) for name, part in zip(t.theirs, to_hub(t, x))]
+    return out
+
+
+ST_CODES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def write_safetensors(path: Path, items: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> int:
+    """A safetensors file written tensor by tensor: the header first (shapes are known), then each
+    tensor converted to `dtype`, written and dropped, so at most one converted tensor is in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    size = torch.empty((), dtype=dtype).element_size()
+    for name, x in items:
+        n = x.numel() * size
+        header[name] = {"dtype": ST_CODES[dtype], "shape": list(x.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for _, x in items:
+            y = x.to(dtype).contiguous()
+            if y.numel():
+                f.write(memoryview(y.reshape(-1).view(torch.uint8).numpy()))
+            del y
+    return offset
 
 
 def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max_shard_bytes: int = 5 * 2**30,
               dtype: str | None = None, family: str | None = None, progress: Callable[[str], None] = print) -> dict:
     """Write the Hugging Face layout of a run's checkpoint (see the module docstring)."""
-    from safetensors.torch import save_file
-
     from cluster.deploy.load import load_run
 
     run_dir, out = Path(run_dir), Path(out)
@@ -318,18 +418,22 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max
             hf_config.setdefault(key, v)
     plan = tensor_plan(cfg, fam.names)
     out.mkdir(parents=True, exist_ok=True)
-    shards, shard, size, total = [], {}, 0, 0
-    for name, x in hub_tensors(model, plan, DTYPES[dtype_name]):
-        nbytes = x.numel() * x.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            shards.append(_write_shard(out, len(shards), shard, save_file))
-            shard, size = {}, 0
-        shard[name] = x
+    elem = torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    groups, group, size = [], [], 0
+    for name, x in hub_views(model, plan):  # cut into shards by converted size, in plan order
+        nbytes = x.numel() * elem
+        if group and size + nbytes > max_shard_bytes:
+            groups.append(group)
+            group, size = [], 0
+        group.append((name, x))
         size += nbytes
+    groups.append(group)
+    shards, total = [], 0
+    for n, items in enumerate(groups):
+        path = out / f".shard-{n:05d}.safetensors.tmp"
+        nbytes = write_safetensors(path, items, DTYPES[dtype_name])
+        shards.append((path, [name for name, _ in items], nbytes))
         total += nbytes
-    if shard:
-        shards.append(_write_shard(out, len(shards), shard, save_file))
-    del shard
     files = _name_shards(out, shards)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     gen = read_json(src / "generation_config.json", required=False) or {"_from_model_config": True}
@@ -346,12 +450,6 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max
              f"generation_config.json{', tokenizer' if copied else ''} to {out} in {wall:.1f} s")
     return {"out": str(out), "checkpoint": str(ckpt), "model_type": fam.model_type, "files": files,
             "bytes": total, "dtype": dtype_name, "wall_s": wall, "tokenizer_files": copied}
-
-
-def _write_shard(out: Path, n: int, shard: dict, save_file) -> tuple[Path, list[str], int]:
-    path = out / f".shard-{n:05d}.safetensors.tmp"
-    save_file(shard, str(path), metadata={"format": "pt"})
-    return path, list(shard), sum(x.numel() * x.element_size() for x in shard.values())
 
 
 def _name_shards(out: Path, shards: list) -> list[str]:
