@@ -257,8 +257,10 @@ def test_import_job_cli_and_bad_inputs(tmp_path, capsys):
     write_hf_dir("olmoe", src, max_shard_size=None)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = [sys.executable, "-m", "jobs.import_hf"]
-    ok = subprocess.run(run + [str(src), "--name", "m", "--storage", str(tmp_path / "runs"), "--seq-len", "32"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A few documents.\n\nEnough to cut into sequences of 32 tokens. " * 40)
+    ok = subprocess.run(run + [str(src), "--name", "m", "--storage", str(tmp_path / "runs"), "--seq-len", "32",
+                               "--data", str(corpus)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "jobs.train --config" in ok.stdout and (tmp_path / "runs" / "m" / "data" / "meta.json").is_file()
     from jobs.import_hf import main
@@ -272,13 +274,13 @@ def test_import_job_cli_and_bad_inputs(tmp_path, capsys):
 
 
 def test_import_and_export_peak_memory_stay_below_one_and_a_half_model_sizes(tmp_path):
-    """A 65 MB model (sharded) imported and exported, each in a fresh process with glibc's default
+    """A ~35 MB model (sharded) imported and exported, each in a fresh process with glibc's default
     malloc (the caching settings would keep freed blocks and hide the true peak)."""
     from cluster.bench.hf import bench_config, measure, write_random_hub_dir
 
     src = tmp_path / "src"
-    nbytes = write_random_hub_dir(bench_config(layers=2, width=256, experts=16, top_k=4, expert_hidden=512,
-                                               vocab=8000), src, shard_bytes=20 * 2**20)
+    nbytes = write_random_hub_dir(bench_config(layers=2, width=192, experts=16, top_k=4, expert_hidden=384,
+                                               vocab=4000), src, shard_bytes=10 * 2**20)
     imp = measure("import", src, tmp_path / "run")
     exp = measure("export", tmp_path / "run", tmp_path / "export")
     print(f"[hf] peak RSS above baseline: import {imp['peak_rss_above_baseline_bytes'] / nbytes:.2f}x, "
