@@ -263,8 +263,13 @@ def test_import_job_cli_and_bad_inputs(tmp_path, capsys):
                                "--data", str(corpus)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "jobs.train --config" in ok.stdout and (tmp_path / "runs" / "m" / "data" / "meta.json").is_file()
+    from jobs.generate import main as generate_main
     from jobs.import_hf import main
 
+    # jobs.generate samples from the imported run with its tokenizer (bos first, as transformers would)
+    assert generate_main([str(tmp_path / "runs" / "m"), "--prompt", "The value", "--max-new-tokens", "5",
+                          "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The value")
     assert main([str(src), "--name", "m", "--storage", str(tmp_path / "runs")]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()), "clip_qkv": 2.0}))
