@@ -19,10 +19,42 @@ class RMSNorm(nn.RMSNorm):
     """RMSNorm without bias; torch's, kept as a named type so parallel plans can match it."""
 
 
-def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape [max_len, head_dim/2] for rotary position embeddings (fp32)."""
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """`rope_scaling` is null or {"type": linear|llama3, and that type's keys}; raises naming the key."""
+    if scaling is None:
+        return
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling.type: {kind!r} is not one of {sorted(ROPE_SCALINGS)} (or set rope_scaling: null)")
+    need, have = set(ROPE_SCALINGS[kind]), set(scaling) - {"type"}
+    if need != have:
+        raise ValueError(f"rope_scaling: type {kind} takes exactly {sorted(need)}; missing {sorted(need - have)}, "
+                         f"unknown {sorted(have - need)}")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] (float64), with linear (position interpolation) or
+    Llama-3.1 scaling: long wavelengths divided by `factor`, short ones kept, a smooth ramp between."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    return rope_tables_from(inv_freq, max_len)
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    old_len = float(scaling["original_max_position_embeddings"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape [max_len, head_dim/2] for rotary position embeddings (fp32)."""
+    return rope_tables_from(rope_frequencies(head_dim, theta, scaling), max_len)
 
 
 def rope_tables_from(inv_freq_D2: torch.Tensor, max_len: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,23 +123,40 @@ class Attention(nn.Module):
 
     Full attention goes through `scaled_dot_product_attention` (FlashAttention / fused kernels
     where the device has them). With `window`, training and prefill use `local_attention`.
+    Options of imported checkpoints (defaults: none of them): `head_dim` independent of
+    d_model / n_heads (Qwen3), biases on q/k/v ("qkv", Qwen2) or also on the output ("qkvo",
+    Llama's attention_bias), and RMSNorm of queries and keys before RoPE, per head ("head", Qwen3)
+    or over the whole projection ("full", OLMoE).
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, window: int | None = None):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, window: int | None = None,
+                 head_dim: int | None = None, bias: str = "none", qk_norm: str = "none", norm_eps: float = 1e-5):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.window = window
-        self.wq = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.qk_norm = qk_norm
+        HD, GD = n_heads * self.head_dim, n_kv_heads * self.head_dim
+        self.wq = nn.Linear(d_model, HD, bias=bias != "none")
+        self.wk = nn.Linear(d_model, GD, bias=bias != "none")
+        self.wv = nn.Linear(d_model, GD, bias=bias != "none")
+        self.wo = nn.Linear(HD, d_model, bias=bias == "qkvo")
+        if qk_norm != "none":
+            width_q, width_k = (self.head_dim, self.head_dim) if qk_norm == "head" else (HD, GD)
+            self.q_norm = RMSNorm(width_q, eps=norm_eps)
+            self.k_norm = RMSNorm(width_k, eps=norm_eps)
 
     def forward(self, x_BTC: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0, pos: int = 0) -> torch.Tensor:
         B, T, _ = x_BTC.shape
-        q = self.wq(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BTC), self.wk(x_BTC)
+        if self.qk_norm == "full":  # NOTE: needs whole projections, so tensor parallelism refuses it
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, -1, self.head_dim)
+        k = k.view(B, T, -1, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x_BTC).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -175,12 +224,15 @@ def residual_scale(std: float, n_layers: int) -> float:
     return std / math.sqrt(2 * n_layers)
 
 
-def check_heads(d_model: int, n_heads: int, n_kv_heads: int | None = None) -> None:
+def check_heads(d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None) -> None:
     """The attention shape checks every family shares (heads divide the width, RoPE's even head
-    dimension, query heads a multiple of key/value heads)."""
-    if d_model % n_heads:
+    dimension, query heads a multiple of key/value heads). An explicit `head_dim` need not divide."""
+    if head_dim is not None:
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim: must be even and >= 2 for RoPE, got {head_dim}")
+    elif d_model % n_heads:
         raise ValueError(f"n_heads: {n_heads} does not divide d_model={d_model}")
-    if (d_model // n_heads) % 2:
+    elif (d_model // n_heads) % 2:
         raise ValueError(f"n_heads: head dim d_model/n_heads={d_model // n_heads} must be even for RoPE")
     kv = n_kv_heads or n_heads
     if n_heads % kv:
@@ -200,7 +252,7 @@ class RotaryLM(nn.Module):
     `make_block(cfg, layer_id)` and keep their own cache types; parameter names (`embed`,
     `layers.<i>`, `norm`, `head`) are the checkpoint keys of every such family."""
 
-    def __init__(self, cfg, make_block, head_dim: int):
+    def __init__(self, cfg, make_block, head_dim: int, rope_scaling: dict | None = None):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is null: set it, or build through the job config, which takes it from the data")
@@ -209,7 +261,7 @@ class RotaryLM(nn.Module):
         self.layers = nn.ModuleDict({str(i): make_block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.max_seq_len, head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.max_seq_len, head_dim, cfg.rope_theta, rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

@@ -22,7 +22,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from cluster.config.typed import to_dict
 
@@ -65,6 +70,21 @@ def save(path: str | Path, model: nn.Module, optimizer, train_state: dict, model
         mine += [path / ".metadata", path / "train_state.pt", path / "meta.json"]
     files = {f.name: _digest(f) for f in mine}
     (path / f"manifest_rank{rank}.json").write_text(json.dumps(files, indent=1))
+
+
+def save_weights(path: str | Path, model_sd: dict, model_cfg: Any, extra_meta: dict | None = None) -> None:
+    """A weights-only checkpoint at step 0 (one process): the starting point of a run whose
+    weights come from elsewhere (an imported Hugging Face model). `model_sd` is keyed as `save`
+    keys it (experts split per global index). Training loads the weights on any layout and starts
+    a fresh optimizer and schedule (see `load`); generation and export read it like any other."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": model_sd}, checkpoint_id=str(path), no_dist=True)
+    torch.save({"step": 0}, path / "train_state.pt")
+    meta = {"model": to_dict(model_cfg), "world_size": 1, "step": 0, "weights_only": True, **(extra_meta or {})}
+    (path / "meta.json").write_text(json.dumps(meta, indent=1))
+    mine = sorted(path.glob("__0_*.distcp")) + [path / ".metadata", path / "train_state.pt", path / "meta.json"]
+    (path / "manifest_rank0.json").write_text(json.dumps({f.name: _digest(f) for f in mine}, indent=1))
 
 
 def read_meta(path: str | Path) -> dict:
@@ -162,9 +182,19 @@ class _without_step_hooks:
 
 
 def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
-    """Load model, optimizer and RNG into the live objects; return the train state."""
+    """Load model, optimizer and RNG into the live objects; return the train state, or None for a
+    weights-only checkpoint (`save_weights`: the model is loaded, the run starts at step 0)."""
     path = Path(path)
-    check_model(read_meta(path), model_cfg, path)
+    meta = read_meta(path)
+    check_model(meta, model_cfg, path)
+    if meta.get("weights_only"):
+        model_sd = get_model_state_dict(model)
+        layout = split_experts(model, model_sd)
+        state = {"model": model_sd}
+        dcp_load(state, path, no_dist=not _distributed())
+        merge_experts(layout, state["model"])
+        set_model_state_dict(model, state["model"])
+        return None
     with _without_step_hooks(optimizer):
         model_sd, optim_sd = get_state_dict(model, optimizer)
     layout = split_experts(model, model_sd, optim_sd)
@@ -186,8 +216,11 @@ def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> No
     check_model(read_meta(path), model_cfg, path)
     state = {"model": model.state_dict()}
     layout = split_experts(model, state["model"])
+    targets = {k: v.data_ptr() for k, v in state["model"].items()}
     dcp_load(state, path, no_dist=True)
-    merge_experts(layout, state["model"])
+    if all(state["model"][k].data_ptr() == p for k, p in targets.items()):
+        return  # DCP read into the model's own storage (the expert entries are views of it): done
+    merge_experts(layout, state["model"])  # NOTE: stacks a second copy of the experts
     model.load_state_dict(state["model"])
 
 

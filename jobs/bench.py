@@ -10,6 +10,7 @@
   python -m jobs.bench archs [--quick]           # the architecture families side by side (cluster/bench/archs.py)
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (cluster/bench/parallel.py)
   python -m jobs.bench deploy --out FILE         # sizes, perplexity, ONNX Runtime latency, generation (cluster/bench/deploy.py)
+  python -m jobs.bench hf                        # HF import/export seconds + peak memory, training vs transformers (cluster/bench/hf.py)
   python -m jobs.bench tasks [--quick]           # forecasters (hybrid vs plain) and image-text fusion variants (cluster/bench/tasks.py)
   python -m jobs.bench data [--sizes 200MB]      # data preparation on Ray Data, 1 vs 2 CPUs, vs one process (cluster/bench/data.py)
   python -m jobs.bench claims --measure [--quick]  # the seed's claims no other benchmark measures (cluster/bench/seed_claims.py)
@@ -41,7 +42,7 @@ def print_table(results: list[dict]) -> None:
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
                "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data",
-               "claims": "cluster.bench.claims"}
+               "claims": "cluster.bench.claims", "hf": "cluster.bench.hf"}
 
 
 def main(argv=None) -> int:

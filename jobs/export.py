@@ -1,6 +1,8 @@
-"""Export a run's latest checkpoint for serving: ONNX (ONNX Runtime) or int8/int4 weight-only.
+"""Export a run's latest checkpoint for serving: ONNX (ONNX Runtime), int8/int4 weight-only, or the
+Hugging Face layout of its family.
 
   python -m jobs.export runs/NAME --format onnx                 # model.onnx, parity and latency vs torch
+  python -m jobs.export runs/NAME --format hf --out DIR         # safetensors (sharded + index), config.json, tokenizer
   python -m jobs.export runs/NAME --quantize int4               # packed int4 safetensors, size/ppl/latency
   python -m jobs.export runs/NAME --quantize int8 --out deploy/ --eval-sequences 64
 
@@ -25,7 +27,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory (runs/NAME)")
-    p.add_argument("--format", choices=("onnx",), default=None, help="write an ONNX model of the forward pass")
+    p.add_argument("--format", choices=("onnx", "hf"), default=None,
+                   help="onnx: an ONNX model of the forward pass; hf: the Hugging Face layout (what save_pretrained "
+                        "writes: per-expert tensors) of an imported run's family, every expert gathered")
+    p.add_argument("--max-shard-mb", type=float, default=5000, help="hf: largest safetensors file (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="hf: float32, bfloat16 or float16 (default: the imported checkpoint's)")
+    p.add_argument("--hf-family", default=None, help="hf: the layout for a run not imported from Hugging Face "
+                   "(llama for a transformer, mixtral/qwen3_moe/... for an MoE transformer)")
     p.add_argument("--quantize", choices=("int8", "int4", "nf4"), default=None,
                    help="weight-only quantization (int8/int4: torchao on CPU; nf4: bitsandbytes, CUDA only)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size along the input (default: %(default)s)")
@@ -138,6 +146,18 @@ def main(argv=None) -> int:
     from cluster.config.typed import ConfigError
 
     t0 = time.perf_counter()
+    if args.format == "hf":
+        from cluster.deploy.hf import HFConfigError, export_hf
+
+        try:
+            summary = export_hf(args.run_dir, args.out or Path(args.run_dir) / "export" / "hf", args.step,
+                                int(args.max_shard_mb * 2**20), args.dtype, args.hf_family, progress)
+        except (FileNotFoundError, ValueError, HFConfigError, checkpoint.CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        path = deploy.write_summary(Path(summary["out"]), {"run_dir": str(args.run_dir), **summary}, "summary-hf.json")
+        progress(f"done in {time.perf_counter() - t0:.1f} s; summary {path}")
+        return 0
     try:
         model, ckpt, out = load(args)
         result = run_onnx(args, model, ckpt, out) if args.format else run_quantize(args, model, ckpt, out)

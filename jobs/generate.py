@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ids = tok.encode(args.prompt)
+    # An imported Hugging Face tokenizer adds what its model expects before a prompt (bos).
+    ids = tok.encode_prompt(args.prompt) if hasattr(tok, "encode_prompt") else tok.encode(args.prompt)
     if not ids:
         print("error: --prompt is empty after tokenization", file=sys.stderr)
         return 2

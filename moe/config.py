@@ -28,6 +28,7 @@ class MoEConfig:
     routed_scaling_factor: Annotated[float, "multiplies the kept top-k weights after any renormalisation (DeepSeek-V3: 2.5); 1 = off"] = 1.0
     selection_bias: Annotated[bool, "keep the selection-only correction bias (DeepSeek's e_score_correction_bias) in checkpoints even with bias_update_rate 0 (an imported model's bias); the bias, when present, always shifts selection only"] = False
     shared_expert_hidden: Annotated[int | None, "hidden width of an always-on shared expert (DeepSeek); null = none"] = None
+    shared_expert_gate: Annotated[bool, "scale the shared expert's output by sigmoid(a learned linear gate of the token) (Qwen2-MoE)"] = False
     backend: Annotated[Literal[BACKENDS], "grouped-GEMM backend for the experts (kernels/); auto = fastest here"] = "auto"
 
     def __post_init__(self):
@@ -67,3 +68,5 @@ class MoEConfig:
             raise ValueError("selection_bias: applies to router: topk only")
         if self.shared_expert_hidden is not None and self.shared_expert_hidden < 1:
             raise ValueError(f"shared_expert_hidden: must be >= 1 or null, got {self.shared_expert_hidden}")
+        if self.shared_expert_gate and self.shared_expert_hidden is None:
+            raise ValueError("shared_expert_gate: needs a shared expert (set shared_expert_hidden)")

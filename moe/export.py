@@ -64,6 +64,7 @@ class InferenceMoE(nn.Module):
         if cfg.shared_expert_hidden:
 
             self.shared = SwiGLU(d_model, cfg.shared_expert_hidden)
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
 
     @classmethod
     def from_layer(cls, layer: nn.Module, dense: bool = False) -> "InferenceMoE":
@@ -82,6 +83,8 @@ class InferenceMoE(nn.Module):
                 expert.w2.weight.copy_(w2[e].t())
         if layer.shared is not None:
             new.shared.load_state_dict(layer.shared.state_dict())
+        if layer.shared_gate is not None:
+            new.shared_gate.load_state_dict(layer.shared_gate.state_dict())
         return new
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
@@ -90,7 +93,10 @@ class InferenceMoE(nn.Module):
         topk_NK, weight_NK = route_topk(self.gate, self.expert_bias, self.cfg, x_NC)
         out_NC = self._dense(x_NC, topk_NK, weight_NK) if self.dense else self._sparse(x_NC, topk_NK, weight_NK)
         if self.shared is not None:
-            out_NC = out_NC + self.shared(x_NC)
+            shared_NC = self.shared(x_NC)
+            if self.shared_gate is not None:  # as MoELayer: sigmoid-gated shared expert (Qwen2-MoE)
+                shared_NC = torch.sigmoid(self.shared_gate(x_NC)) * shared_NC
+            out_NC = out_NC + shared_NC
         return out_NC.view(B, T, C)
 
     def _sparse(self, x_NC, topk_NK, weight_NK) -> torch.Tensor:

@@ -21,6 +21,8 @@ class MoELayer(nn.Module):
         self.router = build_router(d_model, cfg)
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.backend)
         self.shared = SwiGLU(d_model, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        # One logit per token: how much of the shared expert it takes (Qwen2-MoE).
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_expert_gate else None
         self.dispatcher = LocalDispatcher()  # parallel/ swaps in the all-to-all one
         self.aux_loss_scale = 1.0  # the micro-batch's loss weight (moe.step.MoEStep.set_loss_weight)
         self.stats = StepStats(cfg.num_experts)
@@ -31,6 +33,8 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             for lin, s in ((self.shared.w1, std), (self.shared.w3, std), (self.shared.w2, out_std)):
                 nn.init.normal_(lin.weight, std=s)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
 
     def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
         B, T, C = x_BTC.shape
@@ -42,7 +46,10 @@ class MoELayer(nn.Module):
         y_MC = self.experts(d.x_MC, d.group_sizes_E, d.weight_M)  # routing weight applied inside
         out_NC = self.dispatcher.combine(y_MC, d, B * T)
         if self.shared is not None:
-            out_NC = out_NC + self.shared(x_NC)
+            shared_NC = self.shared(x_NC)
+            if self.shared_gate is not None:
+                shared_NC = torch.sigmoid(self.shared_gate(x_NC)) * shared_NC
+            out_NC = out_NC + shared_NC
         if self.training:
             losses = router_losses(routing, self.cfg, T)
             if torch.is_grad_enabled() and losses["total"].requires_grad:

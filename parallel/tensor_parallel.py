@@ -110,6 +110,9 @@ def apply_tensor_parallel(model: nn.Module, groups: ProcessGroups, device: torch
         return model
     mesh = tp_mesh(groups, device)
     for block in model.layers.values():
+        if getattr(block.attn, "qk_norm", "none") == "full":
+            raise ValueError("parallel.tp: model.qk_norm 'full' normalises whole q/k projections, which tensor "
+                             "parallelism splits by head; use tp: 1 (pipeline or expert parallelism work)")
         # An attention module may name its own head-sharded linears (MLA: wq | wq_b, wkv_b, wo; its
         # latent projections stay replicated); else the wq/wk/wv/wo of `Attention`.
         styles = getattr(block.attn, "tp_plan", None) or {"wq": "colwise", "wk": "colwise", "wv": "colwise",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from cluster.data.tokenizer import BPETokenizer, ByteTokenizer
+from cluster.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
 from cluster.data.tokens import DatasetMeta, check_out_dir, read_meta, write_dataset
 
 DEFAULT_OUT = "data/pydoc-byte"
@@ -56,8 +56,10 @@ def prepare(source: list[str] | str = "pydoc", out: str | Path = DEFAULT_OUT,
         # NOTE: trained on all documents, val included: the windows are split only after
         # tokenization. The tokenizer sees val text, the model does not.
         tok = BPETokenizer.train(docs, vocab_size)
+    elif Path(tokenizer).is_dir():  # an existing tokenizer: an imported model's (runs/NAME/tokenizer)
+        tok = load_tokenizer(tokenizer)
     else:
-        raise ValueError(f"tokenizer={tokenizer!r} must be 'byte' or 'bpe'")
+        raise ValueError(f"tokenizer={tokenizer!r} must be 'byte', 'bpe' or a tokenizer directory (runs/NAME/tokenizer)")
     return write_dataset(docs, out, tok, seq_len, val_fraction=val_fraction, seed=seed,
                          source=described, overwrite=overwrite)
 

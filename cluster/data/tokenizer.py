@@ -194,14 +194,87 @@ class JSONTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
+class HFTokenizer:
+    """A Hugging Face model's `tokenizer.json` with its bos/eos/pad ids (an imported checkpoint).
+
+    The ids live in `special_tokens.json` beside `tokenizer.json`. `encode` adds no special
+    tokens (dataset documents are separated by eos, as with the other tokenizers);
+    `encode_prompt` adds what the tokenizer's post-processor adds (Llama's bos), as
+    `transformers.AutoTokenizer` does by default, for generation.
+    """
+
+    name = "hf"
+    SIDECAR = "special_tokens.json"
+
+    def __init__(self, tok, eos_id: int, bos_id: int | None = None, pad_id: int | None = None):
+        self._tok = tok
+        self.eos_id, self.bos_id, self.pad_id = eos_id, bos_id, pad_id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_files(cls, path: str | Path, ids: dict, tokenizer_config: dict) -> HFTokenizer:
+        """`ids`: {bos,eos,pad}_token_id from the model config (may be None); the tokenizer
+        config's named tokens fill the gaps. A model without any eos gets none invented."""
+        from tokenizers import Tokenizer as HFTok
+
+        tok = HFTok.from_file(str(path))
+
+        def named(key: str) -> int | None:
+            t = tokenizer_config.get(key)
+            t = t.get("content") if isinstance(t, dict) else t
+            return tok.token_to_id(t) if isinstance(t, str) else None
+
+        eos = ids.get("eos_token_id")
+        eos = named("eos_token") if eos is None else eos
+        if eos is None:
+            raise ValueError(f"{path}: no eos token (neither eos_token_id in config.json/generation_config.json "
+                             "nor eos_token in tokenizer_config.json); raymoe separates documents with it")
+        bos = ids.get("bos_token_id")
+        pad = ids.get("pad_token_id")
+        return cls(tok, int(eos), named("bos_token") if bos is None else bos, named("pad_token") if pad is None else pad)
+
+    def special_ids(self) -> dict:
+        return {"bos_token_id": self.bos_id, "eos_token_id": self.eos_id, "pad_token_id": self.pad_id}
+
+    def save(self, path: str | Path) -> None:
+        """`tokenizer.json` and the `special_tokens.json` sidecar beside it."""
+        import json
+
+        self._tok.save(str(path))
+        (Path(path).parent / self.SIDECAR).write_text(json.dumps(self.special_ids(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> HFTokenizer:
+        import json
+
+        from tokenizers import Tokenizer as HFTok
+
+        ids = json.loads((Path(path).parent / cls.SIDECAR).read_text())
+        return cls(HFTok.from_file(str(path)), ids["eos_token_id"], ids["bos_token_id"], ids["pad_token_id"])
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
+
+
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a dataset directory was written with (named in its meta.json)."""
     from cluster.data.tokens import (
         read_meta,  # cluster.data does not import this module: no cycle
     )
 
+    root = Path(data_dir)
+    if not (root / "meta.json").is_file() and (root / HFTokenizer.SIDECAR).is_file():
+        return HFTokenizer.load(root / "tokenizer.json")  # an imported Hugging Face run's tokenizer
     meta = read_meta(data_dir, check_shards=False)
-    if meta.tokenizer == "byte":
+    if meta.tokenizer == "hf":
+        tok = HFTokenizer.load(root / "tokenizer.json")
+    elif meta.tokenizer == "byte":
         tok = ByteTokenizer()
     elif meta.tokenizer == "bpe":
         path = Path(data_dir) / "tokenizer.json"
@@ -221,4 +294,4 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     return tok
 
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "EOS_TEXT", "JSONTokenizer", "Tokenizer", "load_tokenizer"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "EOS_TEXT", "HFTokenizer", "JSONTokenizer", "Tokenizer", "load_tokenizer"]

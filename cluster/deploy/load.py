@@ -10,13 +10,14 @@ from cluster.data.tokenizer import load_tokenizer
 
 
 def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_memory_bytes: int | None = None,
-             offload_dir: str | Path | None = None):
+             offload_dir: str | Path | None = None, tokenizer: bool = True):
     """(model, tokenizer, checkpoint path) of a run's latest complete checkpoint (or `step`'s).
 
     Any parallel layout's checkpoint loads here on one process (experts are keyed by global
     index). `model_cfg`: the model the caller expects; a checkpoint of another model (another
     architecture, another shape) is refused. `max_memory_bytes` + `offload_dir`: a model larger
     than memory loads through accelerate (cluster/deploy/serving.py: blocks beyond the budget stay on disk).
+    `tokenizer=False`: None in its place (a run imported without one can still be exported).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -40,4 +41,4 @@ def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_m
     else:
         model = archs.build(model_cfg)
         checkpoint.load_model_weights(ckpt, model, model_cfg)
-    return model.eval(), load_tokenizer(run_dir / "tokenizer"), ckpt
+    return model.eval(), load_tokenizer(run_dir / "tokenizer") if tokenizer else None, ckpt

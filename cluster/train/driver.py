@@ -116,7 +116,7 @@ def _copy_tokenizer(data_path: str, run_dir: Path) -> None:
     """Generation needs the tokenizer even if the dataset moves: keep its files with the run."""
     dst = run_dir / "tokenizer"
     dst.mkdir(exist_ok=True)
-    for f in ("meta.json", "tokenizer.json", "tokenizer_config.json"):
+    for f in ("meta.json", "tokenizer.json", "tokenizer_config.json", "special_tokens.json"):
         if (Path(data_path) / f).is_file():
             shutil.copy2(Path(data_path) / f, dst / f)
 
