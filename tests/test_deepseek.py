@@ -383,3 +383,25 @@ def test_import_train_3_steps_at_ep2_export_reloads_in_transformers(pair, tmp_pa
     print(f"[parity] import -> 3 steps at EP=2 -> export -> transformers: max |logit diff| {diff:.2e} "
           f"(the training moved the logits by up to {moved:.2f})")
     assert diff < 1e-4 and moved > 1e-2
+
+
+def test_import_hf_and_export_hf_runs_of_the_family(pair, tmp_path):
+    """jobs.import_hf's library path writes a run (weights-only step-0 checkpoint) that loads like
+    any run, and export_hf of that run writes save_pretrained's layout back."""
+    from cluster.deploy.hf.convert import export_hf, import_hf
+    from cluster.deploy.load import load_run
+
+    hf, _, hf_dir = pair[24]
+    run = tmp_path / "run"
+    summary = import_hf(hf_dir, run, progress=lambda m: None)
+    assert summary["model_type"] == "deepseek_v3" and summary["arch"] == "deepseek_v3"
+    model, _, ckpt = load_run(run, tokenizer=False)
+    x = tokens(2, 21)
+    with torch.no_grad():
+        assert (hf(x).logits - model(x)).abs().max() < 1e-4
+    out = tmp_path / "export"
+    export_hf(run, out, progress=lambda m: None)
+    assert _layout(out) == _layout(hf_dir)
+    back = DeepseekV3ForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (back(x).logits - hf(x).logits).abs().max() < 1e-4

@@ -238,6 +238,8 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     t0 = time.perf_counter()
     config = read_json(hf_dir / "config.json")
+    if config.get("model_type") == "deepseek_v3":
+        return _import_deepseek(hf_dir, run_dir, config, progress, overrides, t0)
     fam = family_of(config, str(hf_dir / "config.json"))
     model_dict = to_raymoe_config(config, str(hf_dir / "config.json"))
     for k, v in (overrides or {}).items():
@@ -275,6 +277,46 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, progress: Callable[[str],
     return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "model_type": fam.model_type, "arch": model_cfg.arch,
             "model": model_dict, "bytes_on_disk": reader.bytes, "tensors": n_tensors, "wall_s": wall,
             "tokenizer_vocab": tok.vocab_size if tok else None}
+
+
+def _import_deepseek(hf_dir: Path, run_dir: Path, config: dict, progress, overrides: dict | None, t0: float) -> dict:
+    """DeepSeek-V3 through its own converter (cluster/deploy/hf_deepseek.py: MLA, FP8 block
+    dequantization, the MTP layer skipped with a notice), written as the same kind of run."""
+    from cluster.config.job import model_from_dict
+    from cluster.config.typed import to_dict
+    from cluster.deploy.hf_deepseek import load_hf_deepseek
+
+    if checkpoint.list_checkpoints(run_dir):
+        raise FileExistsError(f"{run_dir} already holds checkpoints; import into a new run name")
+    # NOTE: this converter builds the whole model in memory once (the other families stream).
+    model = load_hf_deepseek(hf_dir, log=progress)
+    model_dict = to_dict(model.cfg)
+    for k, v in (overrides or {}).items():
+        model_dict[k] = {**model_dict.get(k, {}), **v} if isinstance(v, dict) else v
+    model_cfg = model_from_dict(model_dict)
+    state = model.state_dict()
+    checkpoint.split_experts(model, state)
+    ckpt = run_dir / checkpoint.dir_name(0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_weights(ckpt, state, model_cfg, {"imported_from": str(hf_dir.resolve()),
+                                                    "hf_model_type": "deepseek_v3"})
+    n_tensors = len(state)
+    del state, model
+    src = run_dir / SOURCE_DIR
+    src.mkdir(exist_ok=True)
+    for f in ("config.json", "generation_config.json"):
+        if (hf_dir / f).is_file():
+            shutil.copy2(hf_dir / f, src / f)
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if "quantization_config" in config:
+        dtype = "bfloat16"  # FP8 block weights are served dequantized
+    (src / "raymoe_import.json").write_text(json.dumps({"model_type": "deepseek_v3", "dtype": dtype}, indent=1))
+    tok = import_tokenizer(hf_dir, run_dir / "tokenizer", config)
+    wall = time.perf_counter() - t0
+    progress(f"wrote {ckpt} in {wall:.1f} s" + (f"; tokenizer: {tok.vocab_size} tokens" if tok else "; no tokenizer.json"))
+    return {"run_dir": str(run_dir), "checkpoint": str(ckpt), "model_type": "deepseek_v3", "arch": model_cfg.arch,
+            "model": model_dict, "bytes_on_disk": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")),
+            "tensors": n_tensors, "wall_s": wall, "tokenizer_vocab": tok.vocab_size if tok else None}
 
 
 def convert_weights(model_cfg, fam: HFFamily, get: Callable[[str], torch.Tensor], hub_names: list[str],
@@ -398,6 +440,8 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max
     base = read_json(src / "config.json", required=False)
     info = read_json(src / "raymoe_import.json", required=False)
     kind = family or info.get("model_type")
+    if cfg.arch == "deepseek_v3":
+        return _export_deepseek(model, run_dir, out, ckpt, max_shard_bytes, dtype or info.get("dtype"), t0, progress)
     if kind is None:
         raise ValueError(f"{run_dir} was not imported from Hugging Face (no {SOURCE_DIR}/raymoe_import.json): give "
                          "--hf-family (llama, mixtral, ...) to choose the layout")
@@ -449,6 +493,31 @@ def export_hf(run_dir: str | Path, out: str | Path, step: int | None = None, max
     progress(f"wrote {len(files)} safetensors file(s), {total / 2**20:.1f} MB ({dtype_name}), config.json, "
              f"generation_config.json{', tokenizer' if copied else ''} to {out} in {wall:.1f} s")
     return {"out": str(out), "checkpoint": str(ckpt), "model_type": fam.model_type, "files": files,
+            "bytes": total, "dtype": dtype_name, "wall_s": wall, "tokenizer_files": copied}
+
+
+def _export_deepseek(model, run_dir: Path, out: Path, ckpt: Path, max_shard_bytes: int, dtype_name: str | None,
+                     t0: float, progress) -> dict:
+    """DeepSeek-V3 through its own converter (every expert of the loaded checkpoint, the hub's
+    per-expert tensors), with the run's tokenizer and generation config beside it."""
+    from cluster.deploy.hf_deepseek import save_hf_deepseek
+
+    dtype_name = dtype_name or "float32"
+    if dtype_name not in DTYPES:
+        raise ValueError(f"--dtype: {dtype_name!r} is not one of {sorted(DTYPES)}")
+    save_hf_deepseek(model, out, max_shard_bytes=max_shard_bytes, dtype=DTYPES[dtype_name])
+    gen = read_json(run_dir / SOURCE_DIR / "generation_config.json", required=False)
+    if gen:
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    tok_dir = run_dir / "tokenizer"
+    copied = [f for f in TOKENIZER_FILES if (tok_dir / f).is_file()]
+    for f in copied:
+        shutil.copy2(tok_dir / f, out / f)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    total = sum((out / f).stat().st_size for f in files)
+    wall = time.perf_counter() - t0
+    progress(f"wrote {len(files)} safetensors file(s), {total / 2**20:.1f} MB ({dtype_name}) to {out} in {wall:.1f} s")
+    return {"out": str(out), "checkpoint": str(ckpt), "model_type": "deepseek_v3", "files": files,
             "bytes": total, "dtype": dtype_name, "wall_s": wall, "tokenizer_files": copied}
 
 
