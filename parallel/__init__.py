@@ -137,7 +137,7 @@ def local(model: nn.Module) -> Parallelized:
 def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, schedule: str = "1f1b",
           microbatches: int | None = None, pp_split: list[int] | None = None,
           activation_checkpointing: bool = False, fsdp: bool | int = False, reshard_after_forward: bool = True,
-          precision: str = "fp32") -> Parallelized:
+          precision: str = "fp32", ep_overlap_chunks: int = 1) -> Parallelized:
     """Shard, cut and wrap `model` (built identically on every rank) for this rank's place in the mesh."""
     from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
@@ -153,7 +153,7 @@ def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, sche
         groups.device_mesh = build_device_mesh(groups, device, degree)
     apply_tensor_parallel(model, groups, device)
     pipeline = Pipeline(model, groups, schedule, device, pp_split) if dims.pp > 1 else None
-    apply_expert_parallel(model, groups, time_exchange=device.type == "cpu")
+    apply_expert_parallel(model, groups, time_exchange=device.type == "cpu", overlap_chunks=ep_overlap_chunks)
     install_token_split(model, groups)
     if activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -114,6 +114,8 @@ class ParallelConfig:
                                     "materialising only its shards (same values as the ordinary build)"] = True
     fsdp_reshard_after_forward: Annotated[bool, "FSDP: free each block's gathered weights after its forward and "
                                                 "gather again in backward (less memory, one more all-gather)"] = True
+    ep_overlap_chunks: Annotated[int, "expert parallelism: split each token exchange into this many chunks, pipelined "
+                                      "with the experts (1 = one exchange, no overlap)"] = 1
 
     def __post_init__(self):
         for name in ("tp", "pp"):
@@ -123,6 +125,8 @@ class ParallelConfig:
             raise ValueError(f"dp: must be >= 1 or null, got {self.dp}")
         if self.ep != "auto" and self.ep < 1:
             raise ValueError(f"ep: must be >= 1 or 'auto', got {self.ep}")
+        if self.ep_overlap_chunks < 1:
+            raise ValueError(f"ep_overlap_chunks: must be >= 1, got {self.ep_overlap_chunks}")
         if self.microbatches is not None and self.microbatches < 1:
             raise ValueError(f"microbatches: must be >= 1 or null, got {self.microbatches}")
         if not isinstance(self.fsdp, bool) and self.fsdp < 0:

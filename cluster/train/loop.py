@@ -67,7 +67,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # tensor -> pipeline -> expert -> activation checkpointing -> FSDP / data parallel (parallel/__init__.py)
     par = parallel.apply(model, groups, device, schedule=p.schedule, microbatches=p.microbatches,
                          pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing,
-                         fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision)
+                         fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision,
+                         ep_overlap_chunks=p.ep_overlap_chunks)
     if meta_init:
         materialize(trace, par.model, rng, expert_place(par.model), device)
     model = par.model  # this rank's share: what the optimizer steps and checkpoints hold
