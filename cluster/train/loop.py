@@ -64,11 +64,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         model = archs.build(job.model).to(device)
     flops_per_token = model.flops_per_token(batches.dataset.seq_len)  # the whole model, before it is cut
-    # tensor -> pipeline -> expert -> activation checkpointing -> FSDP / data parallel (parallel/__init__.py)
+    # tensor -> pipeline -> expert -> activation checkpointing -> compile -> FSDP / data parallel (parallel/__init__.py)
     par = parallel.apply(model, groups, device, schedule=p.schedule, microbatches=p.microbatches,
                          pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing,
                          fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision,
-                         ep_overlap_chunks=p.ep_overlap_chunks)
+                         ep_overlap_chunks=p.ep_overlap_chunks, compile=t.compile)
     if meta_init:
         materialize(trace, par.model, rng, expert_place(par.model), device)
     model = par.model  # this rank's share: what the optimizer steps and checkpoints hold
