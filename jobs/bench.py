@@ -6,6 +6,7 @@
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
+  python -m jobs.bench overhead --quick          # jobs.train vs plain torch loops, per-phase breakdown (cluster/bench/overhead.py)
   python -m jobs.bench metrics                   # step time of the moe_small model with and without metrics
   python -m jobs.bench archs [--quick]           # the architecture families side by side (cluster/bench/archs.py)
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (cluster/bench/parallel.py)
@@ -42,7 +43,7 @@ def print_table(results: list[dict]) -> None:
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
                "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data",
-               "claims": "cluster.bench.claims", "hf": "cluster.bench.hf"}
+               "claims": "cluster.bench.claims", "hf": "cluster.bench.hf", "overhead": "cluster.bench.overhead"}
 
 
 def main(argv=None) -> int:
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--ep-chunks", type=int, nargs="+", default=[1, 4],
+                   help="ep: the parallel.ep_overlap_chunks values to time (1 = one exchange, no overlap)")
     p.add_argument("--breakdown", action="store_true", help="profile and show where the time goes")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--system-malloc", action="store_true",
@@ -85,9 +88,13 @@ def main(argv=None) -> int:
         print(f"metrics cost: {results[1]['overhead_ms']:+.2f} ms/step "
               f"({100 * results[1]['overhead_ms'] / 1e3 / results[0]['seconds']:+.2f}%, median of {args.repeats})")
     elif args.what == "ep":
-        print(f"\n{'case':16s} {'ms':>8s} {'tokens/s/worker':>16s} {'exchange':>9s}")
+        print(f"\n{'case':18s} {'ms':>8s} {'tokens/s/worker':>16s} {'exchange':>9s} {'hidden':>7s} {'vs chunks 1':>11s}")
         for r in results:
-            print(f"{r['name']:16s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:16.0f} {100 * r['exchange_share']:8.1f}%")
+            extra = (f" {100 * r['hidden']:6.1f}% {r['speedup_vs_chunks1']:10.3f}x" if "hidden" in r else "")
+            print(f"{r['name']:18s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:16.0f} {100 * r['exchange_share']:8.1f}%"
+                  + extra)
+        print("exchange: share of the step spent in (blocked on) the exchanges; hidden: the part of the "
+              "one-exchange time the overlap hid (gloo's copies share the 2 cores with the compute)")
     else:
         print_table(results)
     if args.out:

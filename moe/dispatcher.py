@@ -32,6 +32,11 @@ class Dispatcher(Protocol):
     experts live elsewhere). combine: the reverse, summing each token's weighted expert outputs
     into [num_tokens, C]. exchange_seconds: wall time spent communicating since the last call
     (0.0 for a dispatcher that does not communicate or does not time itself).
+
+    Optional: `dispatch_compute_combine(x_NC, routing, capacity, drop_policy, experts)` ->
+    (out_NC, dropped): all three steps in one call, for a dispatcher that runs the experts
+    (`experts(x_MC, group_sizes_E, weight_M)`) between its exchanges to overlap them
+    (parallel.expert_parallel.OverlappedAllToAllDispatcher). `MoELayer` calls it when present.
     """
 
     def dispatch(self, x_NC: torch.Tensor, routing: Routing, capacity: int | None, drop_policy: str) -> Dispatched: ...

@@ -42,9 +42,13 @@ class MoELayer(nn.Module):
         routing = self.router(x_NC)
         self.last_counts_E = routing.counts_E.detach()  # read by families that split counts (multimodal)
         cap = capacity(B * T, self.cfg) if self.training and self.cfg.capacity_factor is not None else None
-        d = self.dispatcher.dispatch(x_NC, routing, cap, self.cfg.drop_policy)
-        y_MC = self.experts(d.x_MC, d.group_sizes_E, d.weight_M)  # routing weight applied inside
-        out_NC = self.dispatcher.combine(y_MC, d, B * T)
+        fused = getattr(self.dispatcher, "dispatch_compute_combine", None)
+        if fused is not None:  # a dispatcher that overlaps its exchanges with the experts
+            out_NC, dropped = fused(x_NC, routing, cap, self.cfg.drop_policy, self.experts)
+        else:
+            d = self.dispatcher.dispatch(x_NC, routing, cap, self.cfg.drop_policy)
+            y_MC = self.experts(d.x_MC, d.group_sizes_E, d.weight_M)  # routing weight applied inside
+            out_NC, dropped = self.dispatcher.combine(y_MC, d, B * T), d.dropped
         if self.shared is not None:
             shared_NC = self.shared(x_NC)
             if self.shared_gate is not None:
@@ -55,7 +59,7 @@ class MoELayer(nn.Module):
             if torch.is_grad_enabled() and losses["total"].requires_grad:
                 out_NC = attach_aux_loss(out_NC, losses["total"], self.aux_loss_scale)
             if not recomputing():  # a recomputed forward (activation checkpointing) was counted already
-                self.stats.add(routing.counts_E, B * T, d.dropped, routing.probs_NE,
+                self.stats.add(routing.counts_E, B * T, dropped, routing.probs_NE,
                                {**losses, "aux_total": losses["total"]})
         return out_NC.view(B, T, C)
 

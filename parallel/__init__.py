@@ -3,7 +3,8 @@
 The steps run in a fixed order (as torchtitan's `parallelize_llama`):
   tensor (shard attention/MLP over TP) -> pipeline (cut this rank's stages) -> expert (keep this
   rank's experts, all-to-all dispatcher) -> TP token split of MoE layers -> activation
-  checkpointing -> data parallel: FSDP2 when `fsdp` is set (parallel.fsdp: dense weights sharded
+  checkpointing -> compile (`train.compile`: each block in place, MoE layers eager; parallel.compile)
+  -> data parallel: FSDP2 when `fsdp` is set (parallel.fsdp: dense weights sharded
   over the data-parallel ranks, experts over their expert group), else DDP when there is no TP/PP,
   else gradients averaged by hand after the step's backward (pipeline backward passes run outside
   DDP's hooks).
@@ -137,7 +138,7 @@ def local(model: nn.Module) -> Parallelized:
 def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, schedule: str = "1f1b",
           microbatches: int | None = None, pp_split: list[int] | None = None,
           activation_checkpointing: bool = False, fsdp: bool | int = False, reshard_after_forward: bool = True,
-          precision: str = "fp32") -> Parallelized:
+          precision: str = "fp32", ep_overlap_chunks: int = 1, compile: bool = False) -> Parallelized:
     """Shard, cut and wrap `model` (built identically on every rank) for this rank's place in the mesh."""
     from parallel.data_parallel import apply_activation_checkpointing, apply_data_parallel
     from parallel.expert_parallel import apply_expert_parallel
@@ -153,10 +154,14 @@ def apply(model: nn.Module, groups: ProcessGroups, device: torch.device, *, sche
         groups.device_mesh = build_device_mesh(groups, device, degree)
     apply_tensor_parallel(model, groups, device)
     pipeline = Pipeline(model, groups, schedule, device, pp_split) if dims.pp > 1 else None
-    apply_expert_parallel(model, groups, time_exchange=device.type == "cpu")
+    apply_expert_parallel(model, groups, time_exchange=device.type == "cpu", overlap_chunks=ep_overlap_chunks)
     install_token_split(model, groups)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        from parallel.compile import apply_compile
+
+        apply_compile(model)  # after AC (it compiles inside the wrappers), before data parallelism
     if moe is not None:
         moe.layers = moe_layers(model)  # this rank's layers (the pipeline cut kept some)
     par = Parallelized(model=model, forward_model=model, groups=groups, pipeline=pipeline, microbatches=microbatches,

@@ -125,16 +125,25 @@ def _ep_worker(rank: int, world: int, port: int, args, out: str) -> None:
     s = EP_SHAPE
     torch.manual_seed(0)
     layer = build_moe(s, "auto", "cpu", torch.float32)
-    apply_expert_parallel(layer, build_groups(ParallelDims.build(world, world, s["num_experts"]), rank))
-    timer = ExchangeTimer()
-    layer.dispatcher.timer = timer
+    groups = build_groups(ParallelDims.build(world, world, s["num_experts"]), rank)
+    layers = {}
+    for chunks in args.ep_chunks:
+        torch.manual_seed(0)
+        layers[chunks] = apply_expert_parallel(build_moe(s, "auto", "cpu", torch.float32), groups, overlap_chunks=chunks)
+        layers[chunks].dispatcher.timer = ExchangeTimer()
     torch.manual_seed(1 + rank)  # each rank its own tokens
     x = torch.randn(1, s["tokens"], s["d_model"], requires_grad=True)
-    time_fwd_bwd(layer, x, 1, 1)  # warm-up
-    timer.seconds = 0.0
-    total = time_fwd_bwd(layer, x, args.repeats, 0) * args.repeats  # median x n ~ the timed span
-    torch.save({"seconds": total / args.repeats, "exchange": timer.seconds / args.repeats}, f"{out}/rank{rank}.pt")
-    del layer
+    result = {c: {"seconds": [], "exchange": []} for c in args.ep_chunks}
+    for c, layer in layers.items():
+        time_fwd_bwd(layer, x, 1, 1)  # warm-up
+    # Interleaved rounds (the machine is shared: load drifts), one fwd+bwd per chunk count per round.
+    for _ in range(args.repeats):
+        for c, layer in layers.items():
+            layer.dispatcher.timer.seconds = 0.0
+            result[c]["seconds"].append(time_fwd_bwd(layer, x, 1, 0))
+            result[c]["exchange"].append(layer.dispatcher.timer.seconds)
+    torch.save({c: {k: statistics.median(v) for k, v in r.items()} for c, r in result.items()}, f"{out}/rank{rank}.pt")
+    del layers
     dist.destroy_process_group()
 
 
@@ -149,7 +158,9 @@ def _free_port() -> int:
 def bench_ep(args) -> list[dict]:
     """EP=2 on 2 gloo processes (1 thread each) vs the unsharded layer on one process (1 thread),
     both with 8192 tokens per worker. The exchange share counts the counts and token exchanges
-    of dispatch and combine, forward and backward."""
+    of dispatch and combine, forward and backward: with `--ep-chunks` K > 1 (the overlapped
+    exchange, parallel.ep_overlap_chunks) only the time spent blocked waiting for them (what the
+    overlap did not hide). `hidden` = 1 - visible(K) / exchange(1)."""
     import tempfile
 
     import torch.multiprocessing as mp
@@ -163,15 +174,23 @@ def bench_ep(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_ep_worker, args=(world, _free_port(), args, tmp), nprocs=world, start_method="spawn")
         ranks = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
-    ep_s = max(r["seconds"] for r in ranks)
-    exchange = max(r["exchange"] for r in ranks)
     common = dict(shape="T=8192/worker d=512 E=8 k=2 F=1024", ratio_to_dense=None, gflops=None)
-    return [
-        dict(name="single_process", backend="local", seconds=single_s, tokens_per_s=s["tokens"] / single_s,
-             exchange_share=0.0, **common),
-        dict(name="ep2_gloo", backend="all_to_all", seconds=ep_s, tokens_per_s=s["tokens"] / ep_s,
-             exchange_share=exchange / ep_s, exchange_s=exchange, **common),
-    ]
+    results = [dict(name="single_process", backend="local", seconds=single_s, tokens_per_s=s["tokens"] / single_s,
+                    exchange_share=0.0, **common)]
+    base = None
+    for c in args.ep_chunks:
+        ep_s = max(r[c]["seconds"] for r in ranks)
+        exchange = max(r[c]["exchange"] for r in ranks)
+        row = dict(name="ep2_gloo" if c == 1 else f"ep2_gloo_chunks{c}", backend="all_to_all", chunks=c,
+                   seconds=ep_s, tokens_per_s=s["tokens"] / ep_s, exchange_share=exchange / ep_s, exchange_s=exchange,
+                   **common)
+        if c == 1:
+            base = row
+        elif base is not None:
+            row["hidden"] = 1 - exchange / base["exchange_s"]
+            row["speedup_vs_chunks1"] = base["seconds"] / ep_s
+        results.append(row)
+    return results
 
 
 def bench_metrics(args) -> list[dict]:

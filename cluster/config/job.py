@@ -47,6 +47,8 @@ class TrainConfig:
     grad_clip: Annotated[float | None, "clip the global gradient norm to this; null = off"] = 1.0
     precision: Annotated[Literal["fp32", "bf16", "fp16"], "autocast dtype; fp16 uses dynamic loss scaling and needs GPUs"] = "fp32"
     activation_checkpointing: Annotated[bool, "recompute each block's activations in backward"] = False
+    compile: Annotated[bool, "torch.compile each block (regional; MoE layers stay eager); the first steps pay "
+                             "the compile time"] = False
     eval_interval: Annotated[int, "validate every this many steps (and at the start and end); 0 = only at the end"] = 50
     eval_sequences: Annotated[int, "validation sequences per evaluation"] = 64
     log_interval: Annotated[int, "progress line and metrics every this many steps"] = 10
@@ -114,6 +116,8 @@ class ParallelConfig:
                                     "materialising only its shards (same values as the ordinary build)"] = True
     fsdp_reshard_after_forward: Annotated[bool, "FSDP: free each block's gathered weights after its forward and "
                                                 "gather again in backward (less memory, one more all-gather)"] = True
+    ep_overlap_chunks: Annotated[int, "expert parallelism: split each token exchange into this many chunks, pipelined "
+                                      "with the experts (1 = one exchange, no overlap)"] = 1
 
     def __post_init__(self):
         for name in ("tp", "pp"):
@@ -123,6 +127,8 @@ class ParallelConfig:
             raise ValueError(f"dp: must be >= 1 or null, got {self.dp}")
         if self.ep != "auto" and self.ep < 1:
             raise ValueError(f"ep: must be >= 1 or 'auto', got {self.ep}")
+        if self.ep_overlap_chunks < 1:
+            raise ValueError(f"ep_overlap_chunks: must be >= 1, got {self.ep_overlap_chunks}")
         if self.microbatches is not None and self.microbatches < 1:
             raise ValueError(f"microbatches: must be >= 1 or null, got {self.microbatches}")
         if not isinstance(self.fsdp, bool) and self.fsdp < 0:

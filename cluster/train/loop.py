@@ -64,10 +64,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         model = archs.build(job.model).to(device)
     flops_per_token = model.flops_per_token(batches.dataset.seq_len)  # the whole model, before it is cut
-    # tensor -> pipeline -> expert -> activation checkpointing -> FSDP / data parallel (parallel/__init__.py)
+    # tensor -> pipeline -> expert -> activation checkpointing -> compile -> FSDP / data parallel (parallel/__init__.py)
     par = parallel.apply(model, groups, device, schedule=p.schedule, microbatches=p.microbatches,
                          pp_split=p.pp_split, activation_checkpointing=t.activation_checkpointing,
-                         fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision)
+                         fsdp=p.fsdp, reshard_after_forward=p.fsdp_reshard_after_forward, precision=t.precision,
+                         ep_overlap_chunks=p.ep_overlap_chunks, compile=t.compile)
     if meta_init:
         materialize(trace, par.model, rng, expert_place(par.model), device)
     model = par.model  # this rank's share: what the optimizer steps and checkpoints hold
@@ -124,9 +125,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_eval = run_eval() if step == 0 else {}
     start_step, t_start = step, time.perf_counter()
     window_t, window_steps = time.perf_counter(), 0
+    phase_s: dict[str, float] = {}  # host seconds per phase over the logging window (see StepResult.phases)
+
+    def spent(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phase_s[name] = phase_s.get(name, 0.0) + now - since
+        return now
+
     while step < stop:
-        result = train_step(par, task, batches.batches_for_step(step * t.global_batch_size),
-                            optimizer, scaler, t.precision, device, t.grad_clip)
+        t_phase = time.perf_counter()
+        micro_batches = batches.batches_for_step(step * t.global_batch_size)
+        spent("data", t_phase)
+        result = train_step(par, task, micro_batches, optimizer, scaler, t.precision, device, t.grad_clip)
+        for name, sec in result.phases.items():
+            phase_s[name] = phase_s.get(name, 0.0) + sec
         scheduler.step()
         step += 1
         if pace:
@@ -148,12 +160,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 record["mfu_basis"] = peak.basis
             if result.moe:
                 record["moe"] = result.moe["layers"]
+            # Mean seconds per step of each phase in the window; metrics, progress, eval and
+            # checkpoint of this step land in the next window's figures.
+            record["phase_s"] = {k: v / window_steps for k, v in phase_s.items()}
+            phase_s.clear()
+        t_phase = time.perf_counter()
         log.log(record, step)
+        t_phase = spent("metrics", t_phase)
         if (t.eval_interval and step % t.eval_interval == 0) or step == t.steps:
             last_eval = run_eval()
+            t_phase = spent("eval", t_phase)
         if log_now:
             if rank == 0:
                 print_progress({**record, **last_eval}, stop, t.steps, time.perf_counter() - t_start, step - start_step)
+            t_phase = spent("progress", t_phase)
             window_t, window_steps = time.perf_counter(), 0
         if step % t.checkpoint_interval == 0 or step == stop:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
@@ -163,6 +183,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint.save(tmp, model, optimizer, train_state, job.model, rank, world)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                                  checkpoint_dir_name=checkpoint.dir_name(step))
+            spent("checkpoint", t_phase)
         # NOTE: metrics-only reports are skipped on purpose: each is a barrier that waits for the
         # controller to poll (~1 s); per-step metrics go to metrics.jsonl and the progress line.
     wall = time.perf_counter() - t_start

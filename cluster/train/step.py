@@ -10,7 +10,8 @@ data-parallel replica adds its loss to the reported totals. What MoE layers need
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ class StepResult:
     targets: int  # targets in the global batch
     aux_loss: float | None = None  # MoE auxiliary losses (weighted, summed over layers), step mean
     moe: dict | None = None  # per-layer MoE statistics reduced over ranks (moe.stats.finish_step)
+    # Host wall seconds per phase of this step (no device syncs added: on CUDA a phase's device
+    # work shows up where the host next waits for it, the loss read-back of "loss_sync").
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +55,7 @@ def train_step(model: nn.Module | Parallelized, task, micro_batches: list[np.nda
     MoE statistics when the optimizer steps. (`moe_layout` is accepted for old callers and
     unused: `parallel.apply` records the whole model's MoE layout itself.)
     """
+    t0 = time.perf_counter()
     par = parallel.local(model)
     par.prepare_optimizer(optimizer)  # idempotent: hooks the MoE step work once per optimizer
     local_targets = sum(task.num_targets(b) for b in micro_batches)
@@ -58,7 +63,9 @@ def train_step(model: nn.Module | Parallelized, task, micro_batches: list[np.nda
         loss_sum = _pipeline_pass(par, task, micro_batches, scaler, precision, device, local_targets)
     else:
         loss_sum = _accumulate(par, task, micro_batches, scaler, precision, device, local_targets)
-    par.reduce_grads()
+    t1 = time.perf_counter()
+    par.reduce_grads()  # under DDP the all-reduce overlaps backward: it is then inside forward_backward
+    t2 = time.perf_counter()
     params = [p for p in par.model.parameters() if p.grad is not None]
     overflow = scaler.unscale_and_check(params)
     grad_norm = clip_grad_norm(params, grad_clip)
@@ -66,12 +73,17 @@ def train_step(model: nn.Module | Parallelized, task, micro_batches: list[np.nda
         optimizer.step()
     scaler.update(overflow)
     optimizer.zero_grad(set_to_none=True)
+    t3 = time.perf_counter()
     moe_summary = par.step_metrics()  # once per step, on every rank
+    t4 = time.perf_counter()
     totals = torch.stack([loss_sum, torch.tensor(float(local_targets), device=device)])
     totals = _all_reduce_sum(totals if par.counts_loss else torch.zeros_like(totals))
-    return StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
-                      targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
-                      moe=moe_summary or None)
+    result = StepResult(loss=(totals[0] / totals[1]).item(), grad_norm=grad_norm.item(), skipped=overflow,
+                        targets=int(totals[1].item()), aux_loss=moe_summary.get("aux_loss"),
+                        moe=moe_summary or None)
+    result.phases = {"forward_backward": t1 - t0, "grad_reduce": t2 - t1, "optimizer": t3 - t2,
+                     "moe_statistics": t4 - t3, "loss_sync": time.perf_counter() - t4}
+    return result
 
 
 def _accumulate(par: Parallelized, task, micro_batches, scaler, precision, device, local_targets) -> torch.Tensor:

@@ -1,0 +1,156 @@
+"""`python -m jobs.bench overhead`: what `jobs.train` costs over a plain torch loop, and where.
+
+The default job's model (built from its config) trained three ways on the same global batch
+(random tokens of the job's sequence length; AdamW, gradient clipping, the job's micro-batches):
+  (a) a plain single-process torch loop, 2 threads;
+  (b) a plain 2-process DDP script over gloo, 1 thread each (no Ray, no raymoe loop);
+  (c) `python -m jobs.train` on 2 Ray workers (a short run, no evaluation until the end).
+tokens/s over the steps after the first logging window (warm-up), and (c)'s per-phase
+breakdown from the loop's own host timers (`phase_s` in metrics.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PHASES = ("data", "forward_backward", "grad_reduce", "optimizer", "moe_statistics", "loss_sync", "metrics",
+          "progress", "eval", "checkpoint")
+
+
+def _setup(config: str):
+    import dataclasses
+
+    import archs
+    from cluster.config.job import load_config
+    from cluster.data.tokenizer import ByteTokenizer
+
+    job = load_config(config)
+    if job.model.vocab_size is None:  # the job takes it from the data; the plain loops need no data
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, vocab_size=ByteTokenizer.vocab_size))
+    return job, archs.build(job.model)
+
+
+def _plain_loop(job, model, steps: int, warmup: int, rank: int = 0, world: int = 1) -> float:
+    """Seconds per step after `warmup` steps: this rank's share of the global batch, micro-batched."""
+    import torch.nn.functional as F
+
+    from cluster.train.optim import build_optimizer
+
+    t = job.train
+    opt = build_optimizer(model, t.lr, t.weight_decay, t.betas)
+    rng = np.random.default_rng(rank)
+    rows, T, vocab = t.global_batch_size // world, job.data.seq_len, job.model.vocab_size
+    times = []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(rng.integers(0, vocab, size=(rows, T + 1), dtype=np.int64))
+        micro = [batch[i:i + t.micro_batch_size] for i in range(0, rows, t.micro_batch_size)]
+        for i, mb in enumerate(micro):
+            sync = model.no_sync() if world > 1 and i < len(micro) - 1 else _null()
+            with sync:
+                logits = model(mb[:, :-1])
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1)) / len(micro)
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    return float(np.mean(times))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmup: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    job, model = _setup(config)
+    sec = _plain_loop(job, DistributedDataParallel(model), steps, warmup, rank, world)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"seconds": sec}))
+    dist.destroy_process_group()
+
+
+def _raymoe_run(config: str, steps: int, window: int, tmp: str) -> tuple[float, dict]:
+    """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run."""
+    name = "overhead"
+    cmd = [sys.executable, "-m", "jobs.train", "--config", config, "--name", name,
+           "--set", f"train.steps={steps}", "--set", f"train.log_interval={window}",
+           "--set", "train.eval_interval=0", "--set", "train.eval_sequences=8",
+           "--set", f"train.checkpoint_interval={steps}", "--set", f"train.warmup_steps={min(steps, 20)}",
+           "--set", f"cluster.storage_path={tmp}"]
+    subprocess.run(cmd, check=True)
+    records = [json.loads(line) for line in Path(tmp, name, "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "phase_s" in r][-1]
+    return last["tokens_per_s"], last["phase_s"]
+
+
+def main(argv=None, from_cli: bool = False) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help="the job config whose model is trained (default: default)")
+    p.add_argument("--steps", type=int, default=60, help="steps of each run (the first --window are warm-up)")
+    p.add_argument("--window", type=int, default=20, help="steps per logging window; the last one is timed")
+    p.add_argument("--quick", action="store_true", help="20 steps, windows of 10 (a smoke run)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.window = 20, 10
+    if args.steps < 2 * args.window:
+        p.error("--steps must be at least 2 x --window (one window of warm-up, one timed)")
+    import torch.multiprocessing as mp
+
+    from cluster.bench.moe import _free_port
+
+    warmup = args.steps - args.window
+    job, model = _setup(args.config)
+    tokens = job.train.global_batch_size * job.data.seq_len
+    print(f"[overhead] {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
+          f"{tokens} tokens/step, timing the last {args.window} of {args.steps} steps", file=sys.stderr)
+    torch.set_num_threads(2)
+    print("[overhead] (a) plain single-process loop, 2 threads", file=sys.stderr)
+    single = tokens / _plain_loop(job, model, args.steps, warmup)
+    print("[overhead] (b) plain 2-process DDP over gloo, 1 thread each", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_ddp_worker, args=(2, _free_port(), args.config, args.steps, warmup, tmp), nprocs=2,
+                           start_method="spawn")
+        ddp = tokens / max(json.loads(Path(tmp, f"rank{r}.json").read_text())["seconds"] for r in range(2))
+    print("[overhead] (c) jobs.train on 2 Ray workers", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        ray_tok_s, phases = _raymoe_run(args.config, args.steps, args.window, tmp)
+    rows = [("plain_single_2threads", single), ("plain_ddp_gloo_2x1", ddp), ("jobs_train_2_workers", ray_tok_s)]
+    print(f"\n{'run':24s} {'tokens/s':>10s} {'vs (a)':>7s} {'vs (b)':>7s}")
+    for name, tok_s in rows:
+        print(f"{name:24s} {tok_s:10.0f} {tok_s / single:6.2f}x {tok_s / ddp:6.2f}x")
+    step_s = tokens / ray_tok_s
+    print(f"\n(c) per phase, mean seconds per step (host timers; {step_s * 1e3:.0f} ms/step in all):")
+    for name in PHASES:
+        if name in phases:
+            print(f"  {name:18s} {phases[name] * 1e3:8.1f} ms  {100 * phases[name] / step_s:5.1f}%")
+    print("  (DDP's all-reduce runs inside forward_backward: it overlaps the backward)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"tokens_per_s": dict(rows), "phase_s": phases, "steps": args.steps,
+                                        "window": args.window, "config": args.config}, indent=1))
+        print(f"wrote {args.out}")
+    return 0
