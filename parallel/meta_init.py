@@ -89,7 +89,14 @@ def materialize(trace: Trace, model: nn.Module, seed: int | torch.Tensor,
             k = _key(t)
             if not accesses.get(k) or accesses[k][-1] != i:
                 accesses.setdefault(k, []).append(i)
+    # NOTE: to_empty swaps DTensor parameters' contents (their __dict__ too), which drops the tags
+    # parallel.apply set on them (norm_copies, expert groups...): keep and restore them.
+    tags = {n: {k: v for k, v in vars(p).items() if not k.startswith("_")} for n, p in model.named_parameters()}
     model.to_empty(device=device)  # FSDP and DTensor parameters get local storage of their shard size
+    for n, p in model.named_parameters():
+        for k, v in tags.get(n, {}).items():
+            if not hasattr(p, k):
+                setattr(p, k, v)
     targets = {n.replace("_checkpoint_wrapped_module.", ""): p for n, p in model.named_parameters()}
     real: dict[int, torch.Tensor] = {}  # storage key -> a real tensor over that storage (its first view)
 

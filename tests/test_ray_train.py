@@ -157,6 +157,21 @@ def test_moe_transformer_trains_with_expert_parallelism_on_two_workers(ray_clust
     assert sum(moe_records[-1]["moe"][0]["tokens_per_expert"]) == 8 * 64 * 2  # global batch x seq x top-2
 
 
+def test_fsdp_with_ep2_on_two_workers_resumes_without_fsdp_on_the_same_curve(ray_cluster, tiny_data, tmp_path):
+    """`--set parallel.fsdp=true --set parallel.ep=2` through the job: 4 sharded steps, then the same
+    run continued with DDP + EP=2 from the FSDP checkpoint, equal to 8 steps of DDP + EP=2."""
+    base = debug_overrides(tiny_data, tmp_path, "ref") + ["train.steps=8", "parallel.ep=2", "train.checkpoint_interval=4"]
+    fit(load_config("moe_debug", base))
+    run = debug_overrides(tiny_data, tmp_path, "sharded") + ["train.steps=8", "parallel.ep=2", "train.checkpoint_interval=4"]
+    fit(load_config("moe_debug", run + ["parallel.fsdp=true", "train.stop_at_step=4"]))
+    fit(load_config("moe_debug", run))  # resumes at step 4 without FSDP
+    ref, got = step_losses(read_metrics(tmp_path / "ref")), step_losses(read_metrics(tmp_path / "sharded"))
+    assert sorted(got) == list(range(1, 9))
+    np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=0, atol=1e-4)
+    launches = [r for r in read_metrics(tmp_path / "sharded") if r.get("event") == "launch_start"]
+    assert [r["resumed_from"] for r in launches] == [0, 4]
+
+
 def test_ray_job_submit(ray_cluster, tiny_data, tmp_path):
     """The unchanged job under `ray job submit` (token authentication on) against `ray start --head`."""
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
