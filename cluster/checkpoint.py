@@ -8,6 +8,9 @@ Layout of one checkpoint directory (Ray Train merges every worker's files into i
   manifest_rankR.json       size and SHA-256 of every file rank R wrote   (written after its files)
 Each checkpoint is written into a fresh local directory and only becomes the run's latest once
 Ray has copied it completely, so a crash while writing never replaces the last good one.
+A run may live on local/shared disk or under a URI (`s3://bucket/runs/NAME`): reading a
+checkpoint's metadata, the manifest check and the choice of the checkpoint to resume from work
+on either through `cluster.data.storage`; `load` needs a local directory (`storage.local_copy`).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from cluster.config.typed import to_dict
+from cluster.data import storage
+from cluster.data.storage import Location
 
 # DCP warns on every single-process save/load (generation, tests); that is the intent there.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -87,49 +92,58 @@ def save_weights(path: str | Path, model_sd: dict, model_cfg: Any, extra_meta: d
     (path / "manifest_rank0.json").write_text(json.dumps({f.name: _digest(f) for f in mine}, indent=1))
 
 
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
+def read_meta(path: str | Path | Location) -> dict:
+    loc = storage.locate(path)
+    present = {c.name for c in loc.children()}
+    missing = [f for f in REQUIRED if f not in present]
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); it was not "
+        raise CheckpointError(f"checkpoint {loc.uri} is incomplete (missing {', '.join(missing)}); it was not "
                               "written to the end. Move it aside to resume from the previous one")
     try:
-        return json.loads((path / "meta.json").read_text())
+        return json.loads(loc.join("meta.json").read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path}: meta.json is corrupt ({e})") from None
+        raise CheckpointError(f"checkpoint {loc.uri}: meta.json is corrupt ({e})") from None
 
 
-def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+def _digest(path: Path | Location) -> dict:
+    loc = storage.locate(path)
+    h, size = hashlib.sha256(), 0
+
+    def stream() -> None:  # streamed: a shard of a large model never sits in memory whole
+        nonlocal h, size
+        h, size = hashlib.sha256(), 0
+        with loc.fs.open_input_stream(loc.path) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+    storage.retrying("read", loc, stream)
+    return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def verify(path: str | Path) -> dict:
+def verify(path: str | Path | Location) -> dict:
     """Check that every file of every rank is there with its recorded size and SHA-256; return meta."""
-    path = Path(path)
-    meta = read_meta(path)
-    manifests = sorted(path.glob("manifest_rank*.json"))
+    loc = storage.locate(path)
+    meta = read_meta(loc)
+    present = {c.name for c in loc.children()}
+    manifests = sorted(n for n in present if n.startswith("manifest_rank") and n.endswith(".json"))
     if len(manifests) != meta["world_size"]:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {len(manifests)} of {meta['world_size']} "
+        raise CheckpointError(f"checkpoint {loc.uri} is incomplete: {len(manifests)} of {meta['world_size']} "
                               "ranks' manifests")
     for manifest in manifests:
-        for name, want in json.loads(manifest.read_text()).items():
-            f = path / name
-            if not f.is_file() or _digest(f) != want:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing or differs from "
-                                      f"{manifest.name}")
+        for name, want in json.loads(loc.join(manifest).read_text()).items():
+            if name not in present or _digest(loc.join(name)) != want:
+                raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} is missing or differs from "
+                                      f"{manifest}")
     return meta
 
 
-def choose_resume(latest: Path, run_dir: Path) -> Path:
+def choose_resume(latest: str | Path | Location, run_dir: str | Path | Location) -> Path | Location:
     """`latest` if it is intact, else the newest intact older checkpoint of the run (with a
     warning); the corrupt one is left in place for inspection."""
+    latest = storage.locate(latest)
     try:
         verify(latest)
-        return latest
+        return storage.native(latest)
     except CheckpointError as e:
         problem = str(e)
     for older in list_checkpoints(run_dir):
@@ -182,8 +196,9 @@ class _without_step_hooks:
 
 
 def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
-    """Load model, optimizer and RNG into the live objects; return the train state, or None for a
-    weights-only checkpoint (`save_weights`: the model is loaded, the run starts at step 0)."""
+    """Load model, optimizer and RNG into the live objects from a local checkpoint directory;
+    return the train state, or None for a weights-only checkpoint (`save_weights`: the model is
+    loaded, the run starts at step 0)."""
     path = Path(path)
     meta = read_meta(path)
     check_model(meta, model_cfg, path)
@@ -324,20 +339,22 @@ def dcp_load(state: dict, path: Path, no_dist: bool) -> None:
                               "from another program. It was left untouched") from e
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
+def list_checkpoints(run_dir: str | Path | Location) -> list[Path | Location]:
     """Checkpoint directories of a run, newest step first."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return sorted((p for p in run_dir.glob(f"{PREFIX}*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    run = storage.locate(run_dir)
+    infos = storage.retrying("list", run, lambda: run.fs.get_file_info(
+        storage.pafs.FileSelector(run.path, allow_not_found=True)))
+    found = [run.join(i.base_name) for i in infos
+             if i.type == storage.pafs.FileType.Directory and i.base_name.startswith(PREFIX)]
+    return [storage.native(p) for p in sorted(found, key=lambda p: p.name, reverse=True)]
 
 
-def latest_complete(run_dir: str | Path) -> Path | None:
+def latest_complete(run_dir: str | Path | Location) -> Path | Location | None:
     """The newest intact checkpoint of `run_dir` (every file, sizes and checksums), or None."""
     for p in list_checkpoints(run_dir):
         try:
             verify(p)
             return p
-        except CheckpointError:
-            continue
+        except CheckpointError as e:
+            print(f"[raymoe] WARNING: {e}; skipping it (left in place for inspection)", flush=True)
     return None

@@ -16,6 +16,7 @@
   python -m jobs.bench data [--sizes 200MB]      # data preparation on Ray Data, 1 vs 2 CPUs, vs one process (cluster/bench/data.py)
   python -m jobs.bench claims --measure [--quick]  # the seed's claims no other benchmark measures (cluster/bench/seed_claims.py)
   python -m jobs.bench claims --out docs/claims.md # the claims report from every benchmark's JSON (cluster/bench/claims.py)
+  python -m jobs.bench storage                   # training data from an S3 API vs disk, prefetch on/off (cluster/bench/storage.py)
 
 The MoE layer's whole expert path is timed (router, permutation, grouped SwiGLU, weighted
 combine, balancing losses), against a dense SwiGLU FFN with hidden = top_k x expert_hidden:
@@ -43,7 +44,8 @@ def print_table(results: list[dict]) -> None:
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
                "tasks": "cluster.bench.tasks", "gpu": "cluster.bench.gpu", "data": "cluster.bench.data",
-               "claims": "cluster.bench.claims", "hf": "cluster.bench.hf", "overhead": "cluster.bench.overhead"}
+               "claims": "cluster.bench.claims", "hf": "cluster.bench.hf", "overhead": "cluster.bench.overhead",
+               "storage": "cluster.bench.storage"}
 
 
 def main(argv=None) -> int:

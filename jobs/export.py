@@ -26,7 +26,7 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (runs/NAME)")
+    p.add_argument("run_dir", help="a run directory (runs/NAME) or its URI (s3://bucket/runs/NAME)")
     p.add_argument("--format", choices=("onnx", "hf"), default=None,
                    help="onnx: an ONNX model of the forward pass; hf: the Hugging Face layout (what save_pretrained "
                         "writes: per-expert tensors) of an imported run's family, every expert gathered")
@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=("int8", "int4", "nf4"), default=None,
                    help="weight-only quantization (int8/int4: torchao on CPU; nf4: bitsandbytes, CUDA only)")
     p.add_argument("--group-size", type=int, default=32, help="int4 group size along the input (default: %(default)s)")
-    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/export; ./export/NAME for a URI)")
     p.add_argument("--step", type=int, default=None, help="export this step's checkpoint instead of the latest")
     p.add_argument("--config", default=None, help="model config (YAML or jobs/configs name) the checkpoint must match")
     p.add_argument("--eval-sequences", type=int, default=32, help="validation sequences for the loss comparison")
@@ -64,7 +64,10 @@ def load(args):
 
         expect = resolve(load_config(args.config)).model  # vocab from its data, as in training
     model, _, ckpt = load_run(args.run_dir, args.step, model_cfg=expect)
-    out = Path(args.out or Path(args.run_dir) / "export")
+    # A run in a bucket exports to a local directory named after it (the files are for serving).
+    default = Path("export") / args.run_dir.rstrip("/").rsplit("/", 1)[-1] if "://" in args.run_dir else \
+        Path(args.run_dir) / "export"
+    out = Path(args.out or default)
     out.mkdir(parents=True, exist_ok=True)
     progress(f"loaded {ckpt} ({model.cfg.arch}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return model, ckpt, out

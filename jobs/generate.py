@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,13 +14,14 @@ import torch
 
 from archs.sampling import generate
 from cluster import checkpoint
+from cluster.data.storage import StorageError
 from cluster.deploy.load import load_run
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (runs/NAME)")
+    p.add_argument("run_dir", help="a run directory (runs/NAME) or its URI (s3://bucket/runs/NAME)")
     p.add_argument("--prompt", default="The ", help="text to continue (default: %(default)r)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -37,9 +39,10 @@ def main(argv=None) -> int:
         offload = {}
         if args.max_memory_mb is not None:
             offload = dict(max_memory_bytes=int(args.max_memory_mb * 2**20),
-                           offload_dir=args.offload_dir or Path(args.run_dir) / "offload")
+                           offload_dir=args.offload_dir or (Path(tempfile.mkdtemp(prefix="raymoe-offload-"))
+                                                            if "://" in args.run_dir else Path(args.run_dir) / "offload"))
         model, tok, ckpt = load_run(args.run_dir, args.step, **offload)
-    except (FileNotFoundError, ValueError, checkpoint.CheckpointError) as e:
+    except (FileNotFoundError, ValueError, checkpoint.CheckpointError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # An imported Hugging Face tokenizer adds what its model expects before a prompt (bos).

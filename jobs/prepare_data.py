@@ -9,6 +9,7 @@ that `jobs.train` reads.
     python -m jobs.prepare_data --source corpus/ --dry-run                   # what would be read
     python -m jobs.prepare_data --task forecast --source co2 --out data/co2     # or sunspots, or a CSV
     python -m jobs.prepare_data --task image_text --source digits --out data/digits   # or a folder
+    python -m jobs.prepare_data --out s3://bucket/datasets/pydoc-byte   # any pyarrow.fs URI
 
 Text sources: .txt/.md (one document per file), .jsonl/.jsonl.gz/.jsonl.zst and .parquet (the
 text in --text-field). Small unweighted text corpora are written in this process; everything
@@ -28,6 +29,7 @@ import sys
 import time
 
 from cluster.data.prepare import DEFAULT_OUT, choose_engine, prepare, prepare_task_data
+from cluster.data.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-len", type=int, default=40, help="image_text: caption tokens (default: 40)")
     parser.add_argument("--image-size", type=int, default=8, help="image_text: image side (default: 8)")
     parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"dataset directory to create (default: {DEFAULT_OUT})")
+                        help=f"dataset directory or URI (s3://bucket/prefix) to create; published atomically "
+                             f"(meta.json last) (default: {DEFAULT_OUT})")
     parser.add_argument("--tokenizer", default="byte", metavar="byte|bpe|PATH",
                         help="byte: UTF-8 bytes, vocab 257; bpe: byte-level BPE trained on the source "
                              "(on --bpe-sample-mb of it on the Ray path); PATH: a tokenizer.json or a "
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             meta = prepare_task_data(args.task, source, args.out, val_fraction=args.val_fraction or 0.2,
                                      seed=args.seed, overwrite=args.overwrite, **kw)
-        except (FileNotFoundError, FileExistsError, ValueError) as err:
+        except (FileNotFoundError, FileExistsError, ValueError, StorageError) as err:
             parser.exit(2, f"error: {err}\n")
         print(f"source     {meta.source}\n"
               f"samples    train {meta.num_train:,}   val {meta.num_val:,}   fields "
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                              "use --engine ray for a tokenizer.json")
         meta = prepare(sources, args.out, args.tokenizer, args.vocab_size, args.seq_len,
                        val_fraction, args.seed, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:
+    except (FileNotFoundError, FileExistsError, ValueError, StorageError) as err:
         parser.exit(2, f"error: {err}\n")
     seconds = time.perf_counter() - began
     print(f"source     {meta.source}\n"

@@ -145,3 +145,23 @@ def ray_cluster(tmp_path_factory):
         os.environ.pop("RAY_ADDRESS", None)
         shutil.rmtree(temp, ignore_errors=True)
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server and a fault-injecting proxy on 127.0.0.1 (tests/storage_server.py), with
+    the credentials and endpoint in this process's environment only (never in a config)."""
+    from tests.storage_server import S3Server
+
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.close()

@@ -2,7 +2,6 @@
 losses, gradient norms, auxiliary losses, MoE statistics per step, first-step gradients, final
 weights): TP x PP together, interleaved 1F1B with MoE, EP with activation checkpointing, and
 pipeline micro-batches other than the training ones with capacity dropping."""
-import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint

@@ -85,17 +85,24 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: Annotated[str, "dataset directory written by `python -m jobs.prepare_data`"] = "data/pydoc-byte"
+    path: Annotated[str, "dataset written by `python -m jobs.prepare_data`: a directory or a pyarrow.fs URI (s3://bucket/prefix)"] = "data/pydoc-byte"
     builtin: Annotated[Literal["pydoc", "co2", "sunspots", "digits"] | None, "if path does not exist, prepare this bundled dataset there first (pydoc text for lm; co2 or sunspots "
         "for forecast; digits for image_text); null = path must exist"] = "pydoc"
     tokenizer: Annotated[Literal["byte", "bpe"], "tokenizer used when the built-in corpus is prepared"] = "byte"
     seq_len: Annotated[int, "sequence length used when the built-in corpus is prepared"] = 256
+    prefetch: Annotated[bool, "read the next training shard in a background thread while the current one trains"] = True
+    read_timeout_s: Annotated[float, "object-store connect/read timeout; a stalled read fails after it and is retried"] = 30.0
+    read_attempts: Annotated[int, "tries per shard read on transient errors (reset, timeout, 5xx, throttling), with exponential backoff"] = 6
 
     def __post_init__(self):
         if not self.path:
             raise ValueError("path: is empty; point it at a dataset directory from `python -m jobs.prepare_data`")
         if self.seq_len < 2:
             raise ValueError(f"seq_len: must be >= 2, got {self.seq_len}")
+        if self.read_timeout_s <= 0:
+            raise ValueError(f"read_timeout_s: must be > 0, got {self.read_timeout_s}")
+        if self.read_attempts < 1:
+            raise ValueError(f"read_attempts: must be >= 1, got {self.read_attempts}")
 
 
 @dataclass
@@ -149,7 +156,7 @@ class ClusterConfig:
     min_workers: Annotated[int | None, "elastic training: run on any worker count in [min_workers, num_workers]; null = fixed"] = None
     use_gpu: Annotated[bool, "one GPU per worker, NCCL; false = CPU workers, gloo"] = False
     cpus_per_worker: Annotated[float, "CPUs reserved per worker"] = 1.0
-    storage_path: Annotated[str, "where runs live (shared storage on a multi-node cluster)"] = "runs"
+    storage_path: Annotated[str, "where runs live: a path (shared storage on a multi-node cluster) or a pyarrow.fs URI (s3://bucket/runs); relative under `ray job submit` = below RAYMOE_STORAGE_PATH or ~/ray_results"] = "runs"
     run_name: Annotated[str | None, "run name; an existing run of this name resumes; null = a new timestamped name"] = None
     keep_checkpoints: Annotated[int, "checkpoints kept per run (older ones are deleted after a newer one is complete)"] = 2
     max_failures: Annotated[int, "worker-group restarts from the last checkpoint before the run fails"] = 0

@@ -129,7 +129,9 @@ def ensure_task_dataset(task: str, source: str, out_dir: str | Path, **kw):
         return prepare_task_data(task, source, out_dir, **kw)
     except FileExistsError:
         pass
-    info = json.loads((Path(out_dir) / "meta.json").read_text()).get("info", {})
+    from cluster.data import storage
+
+    info = json.loads(storage.locate(out_dir).join("meta.json").read_text()).get("info", {})
     differ = {k: (info.get(k), v) for k, v in kw.items() if k in info and info[k] != v}
     if differ:
         raise ValueError(f"data path '{out_dir}' was prepared with "

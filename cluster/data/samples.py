@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.data.tokens import SPLITS, Shard, _publish, check_out_dir
+from cluster.data import storage
+from cluster.data.tokens import SPLITS, Shard, check_out_dir
 
 
 @dataclass
@@ -69,8 +69,8 @@ def write_samples(out_dir: str | Path, splits: dict[str, np.ndarray], kind: str,
 
     Written into a temporary directory and renamed into place, so `out_dir` is either absent or
     complete (meta.json is written last)."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
+    out = storage.locate(out_dir)
+    check_out_dir(out, overwrite)
     dtype = splits["train"].dtype
     for split in SPLITS:
         if split not in splits or len(splits[split]) == 0:
@@ -78,15 +78,13 @@ def write_samples(out_dir: str | Path, splits: dict[str, np.ndarray], kind: str,
         if splits[split].dtype != dtype:
             raise ValueError(f"splits have different fields: {splits[split].dtype} vs {dtype}")
     fields = {name: {"shape": list(dtype[name].shape), "dtype": dtype[name].base.name} for name in dtype.names}
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = storage.local_staging_dir(out)
     try:
         shards = {split: _write_split(tmp, split, splits[split], rows_per_shard) for split in SPLITS}
         meta = SampleMeta(kind=kind, fields=fields, num_train=len(splits["train"]), num_val=len(splits["val"]),
                           shards=shards, positions=positions, source=source, seed=seed, info=info or {})
         (tmp / "meta.json").write_text(meta.to_json())
-        _publish(tmp, out_dir, overwrite)
+        storage.publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,17 +107,18 @@ def _write_split(directory: Path, split: str, rows: np.ndarray, rows_per_shard: 
 
 def read_sample_meta(path: str | Path, kind: str) -> SampleMeta:
     """meta.json of a sample dataset for task `kind`, with errors that say how to make one."""
-    root = Path(path)
-    hint = f"make it with `python -m jobs.prepare_data --task {kind} --out {path}` or set data.path"
-    if not (root / "meta.json").is_file():
-        raise FileNotFoundError(f"data path '{path}' has no meta.json: {hint}")
-    raw = json.loads((root / "meta.json").read_text())
+    root = storage.locate(path)
+    hint = f"make it with `python -m jobs.prepare_data --task {kind} --out {root.uri}` or set data.path"
+    if not root.join("meta.json").is_file():
+        raise FileNotFoundError(f"data path '{root.uri}' has no meta.json: {hint}")
+    raw = json.loads(root.join("meta.json").read_text())
     if raw.get("kind") != kind:
         found = raw.get("kind", "token (language modelling)")
         raise ValueError(f"data path '{path}' holds {found} data, but train.task needs {kind} data: {hint}")
     meta = SampleMeta.from_dict(raw)
+    present = {loc.name for loc in root.children()}
     for split in SPLITS:
-        missing = [s.file for s in meta.shards[split] if not (root / s.file).is_file()]
+        missing = [root.join(s.file).uri for s in meta.shards[split] if s.file not in present]
         if missing or not meta.shards[split]:
             raise ValueError(f"data path '{path}': {split} shards missing ({missing or 'none listed'}): {hint}")
     return meta
@@ -129,7 +128,8 @@ class SampleDataset:
     """One split, read lazily: `get(indices)` -> structured array [n] with the meta's fields."""
 
     def __init__(self, path: str | Path, split: str, kind: str, cache_shards: int = 2) -> None:
-        self.path, self.split = Path(path), split
+        self.root, self.split = storage.locate(path), split
+        self.path = self.root.uri
         self.meta = read_sample_meta(path, kind)
         self.dtype = self.meta.dtype
         self._offsets = np.cumsum([0] + self.meta.rows_per_shard(split))
@@ -161,7 +161,13 @@ class SampleDataset:
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        table = pq.read_table(self.path / self.meta.shards[self.split][i].file)
+        loc = self.root.join(self.meta.shards[self.split][i].file)
+        try:
+            data = storage.retrying("read shard", loc, lambda: loc.read_bytes())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {loc.uri} is missing (it is listed in meta.json): prepare the "
+                                    "dataset again") from None
+        table = pq.read_table(pa.BufferReader(data))
         rows = np.empty(table.num_rows, dtype=self.dtype)
         for name in self.dtype.names:
             values = table.column(name).combine_chunks().flatten().to_numpy()

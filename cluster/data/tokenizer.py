@@ -277,11 +277,15 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     elif meta.tokenizer == "byte":
         tok = ByteTokenizer()
     elif meta.tokenizer == "bpe":
-        path = Path(data_dir) / "tokenizer.json"
-        if not path.is_file():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from cluster.data import storage
+
+        loc = storage.locate(data_dir).join("tokenizer.json")  # a local path or a URI
+        if not loc.is_file():
             raise FileNotFoundError(f"data path '{data_dir}' uses a BPE tokenizer but has no "
                                     "tokenizer.json")
-        tok = BPETokenizer.load(path)
+        tok = BPETokenizer(HFTokenizer.from_str(loc.read_text()))
     elif meta.tokenizer == "json":
         tok = JSONTokenizer.from_path(data_dir)
     else:

@@ -1,6 +1,7 @@
 """Token datasets on disk and the deterministic order in which workers read them.
 
-A dataset is a directory:
+A dataset is a directory, local or under a `pyarrow.fs` URI (`s3://bucket/prefix`; see
+cluster/data/storage.py):
 
     meta.json                 DatasetMeta as JSON
     train-00000.parquet ...   one column `tokens`: fixed_size_list<int32>[seq_len + 1]
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
+import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +35,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cluster.data import storage
+from cluster.data.storage import Location
 
 SPLITS = ("train", "val")
 
@@ -103,7 +108,7 @@ def footer_metadata(meta: DatasetMeta) -> dict[bytes, bytes]:
 # ---------------------------------------------------------------------------- writing
 
 
-def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: int,
+def write_dataset(docs: Iterable[str], out_dir: str | Path | Location, tokenizer, seq_len: int,
                   val_fraction: float = 0.05, rows_per_shard: int = 4096, seed: int = 0,
                   source: str = "", overwrite: bool = False) -> DatasetMeta:
     """Tokenize `docs` into a dataset directory at `out_dir` and return its metadata.
@@ -112,11 +117,12 @@ def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: 
     seq_len + 1 tokens (the tail shorter than a window is dropped), the windows are shuffled
     with `seed`, and the first round(val_fraction * n) of them (at least 1) form the val split.
 
-    Everything is written into `<out_dir>.tmp-<pid>` and renamed into place at the end, so
-    `out_dir` is either absent or complete. NOTE: the whole token stream is held in memory,
-    which suits the offline corpora of a few hundred MB at most that this is for.
+    Everything is written into a staging directory and published at the end
+    (`storage.publish_dir`: a rename locally, temporary prefix + meta.json last on an object
+    store), so `out_dir` is either absent or complete. NOTE: the whole token stream is held in
+    memory, which suits the offline corpora of a few hundred MB at most that this is for.
     """
-    out_dir = Path(out_dir)
+    out = storage.locate(out_dir)
     if seq_len < 1:
         raise ValueError(f"seq_len={seq_len} must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
@@ -125,7 +131,7 @@ def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: 
         raise ValueError(f"rows_per_shard={rows_per_shard} must be >= 1")
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0")
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out, overwrite)
 
     eos = np.array([tokenizer.eos_id], dtype=np.int32)
     parts, num_docs, num_chars = [], 0, 0
@@ -154,9 +160,7 @@ def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: 
         source=source, num_documents=num_docs, num_characters=num_chars,
         num_tokens=len(stream), seed=seed)
 
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = storage.local_staging_dir(out)
     try:
         split_rows = {"train": windows[num_val:], "val": windows[:num_val]}
         for split in SPLITS:
@@ -165,7 +169,7 @@ def write_dataset(docs: Iterable[str], out_dir: str | Path, tokenizer, seq_len: 
             tokenizer.save(tmp / "tokenizer.json")
         # meta.json last: a directory with meta.json has all its shards.
         (tmp / "meta.json").write_text(meta.to_json())
-        publish(tmp, out_dir, overwrite)
+        storage.publish_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -192,35 +196,15 @@ def write_shard(path: Path, rows_NW: np.ndarray, footer: dict[bytes, bytes]) -> 
     return Shard(file=path.name, rows=len(chunk))
 
 
-def _occupied(path: Path) -> bool:
-    # An empty directory (say, made by hand beforehand) is replaced by the rename anyway.
-    return path.exists() and (not path.is_dir() or any(path.iterdir()))
-
-
-def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+def check_out_dir(out_dir: str | Path | Location, overwrite: bool) -> None:
     """Raise FileExistsError if `out_dir` holds something and `overwrite` is off."""
-    if _occupied(Path(out_dir)) and not overwrite:
-        raise FileExistsError(f"data path '{out_dir}' already exists; pass overwrite=True "
-                              "(--overwrite) to replace it")
+    storage.check_absent(out_dir, overwrite)
 
 
-def publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    if overwrite and _occupied(out_dir):
-        # A non-empty directory cannot be renamed over: move the old one aside first.
-        old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-        return
-    try:
-        os.replace(tmp, out_dir)
-    except OSError as err:
-        # Another process published the same dataset while we were writing.
-        raise FileExistsError(f"data path '{out_dir}' already exists; pass overwrite=True "
-                              "(--overwrite) to replace it") from err
+def publish(tmp: Path, out_dir: str | Path | Location, overwrite: bool) -> None:
+    """Publish the complete local directory `tmp` at `out_dir` (a path or a URI), atomically for
+    readers: a rename locally, temporary prefix + meta.json last in a bucket (storage.publish_dir)."""
+    storage.publish_dir(Path(tmp), out_dir, overwrite)
 
 
 _publish = publish  # the name other writers (samples.py) import
@@ -229,24 +213,26 @@ _publish = publish  # the name other writers (samples.py) import
 # ---------------------------------------------------------------------------- reading
 
 
-def read_meta(path: str | Path, check_shards: bool = True) -> DatasetMeta:
+def read_meta(path: str | Path | Location, check_shards: bool = True) -> DatasetMeta:
     """Read and check `meta.json` against the shard files (existence, row counts, footers).
 
     `check_shards=False` reads only meta.json (a run keeps a copy for its tokenizer)."""
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"data path '{path}' does not exist; run `python -m "
-                                f"jobs.prepare_data --out {path}` or set data.path")
-    if not root.is_dir():
-        raise NotADirectoryError(f"data path '{path}' is not a directory")
-    if not (root / "meta.json").is_file():
-        what = "is empty" if not any(root.iterdir()) else "has no meta.json"
-        raise FileNotFoundError(f"data path '{path}' {what}: not a dataset; run `python -m "
-                                f"jobs.prepare_data --out {path}` or set data.path")
+    root = storage.locate(path)
+    info = root.info()
+    if info.type == storage.pafs.FileType.NotFound:
+        raise FileNotFoundError(f"data path '{root.uri}' does not exist; run `python -m "
+                                f"jobs.prepare_data --out {root.uri}` or set data.path")
+    if info.type != storage.pafs.FileType.Directory:
+        raise NotADirectoryError(f"data path '{root.uri}' is not a directory")
+    listing = {loc.name for loc in root.children()}
+    if "meta.json" not in listing:
+        what = "is empty" if not listing else "has no meta.json"
+        raise FileNotFoundError(f"data path '{root.uri}' {what}: not a dataset; run `python -m "
+                                f"jobs.prepare_data --out {root.uri}` or set data.path")
     try:
-        meta = DatasetMeta.from_dict(json.loads((root / "meta.json").read_text()))
+        meta = DatasetMeta.from_dict(json.loads(root.join("meta.json").read_text()))
     except (ValueError, TypeError) as err:
-        raise ValueError(f"data path '{path}': malformed meta.json: {err}") from err
+        raise ValueError(f"data path '{root.uri}': malformed meta.json: {err}") from err
     if not check_shards:
         return meta
 
@@ -254,43 +240,88 @@ def read_meta(path: str | Path, check_shards: bool = True) -> DatasetMeta:
     for split in SPLITS:
         shards = meta.shards[split]
         if not shards:
-            raise ValueError(f"data path '{path}': meta.json lists no {split} shards")
+            raise ValueError(f"data path '{root.uri}': meta.json lists no {split} shards")
         total = sum(s.rows for s in shards)
         if total != getattr(meta, f"num_{split}"):
-            raise ValueError(f"data path '{path}': {split} shards hold {total} rows but "
+            raise ValueError(f"data path '{root.uri}': {split} shards hold {total} rows but "
                              f"meta.json says num_{split}={getattr(meta, f'num_{split}')}")
-        on_disk = sorted(p.name for p in root.glob(f"{split}-*.parquet"))
-        if on_disk != sorted(s.file for s in shards):
-            raise ValueError(f"data path '{path}': {split} shard files on disk {on_disk} differ "
-                             f"from meta.json {[s.file for s in shards]}")
+        present = sorted(n for n in listing if n.startswith(f"{split}-") and n.endswith(".parquet"))
+        if present != sorted(s.file for s in shards):
+            missing = sorted(set(s.file for s in shards) - set(present))
+            raise ValueError(f"data path '{root.uri}': {split} shard files present {present} differ "
+                             f"from meta.json {[s.file for s in shards]}"
+                             + (f"; missing: {', '.join(root.join(m).uri for m in missing)}" if missing else ""))
         for shard in shards:
             # Footers only (a few KB each): cheap enough for every worker to check.
-            footer = pq.read_metadata(root / shard.file)
+            loc = root.join(shard.file)
+            footer = storage.retrying("read footer of", loc, lambda: _read_footer(loc))
             found = {k: v for k, v in (footer.metadata or {}).items() if k in expected_footer}
             if footer.num_rows != shard.rows or found != expected_footer:
                 raise ValueError(
-                    f"data path '{path}': {shard.file} has {footer.num_rows} rows and footer "
+                    f"data path '{root.uri}': {shard.file} has {footer.num_rows} rows and footer "
                     f"{found}, but meta.json says {shard.rows} rows and {expected_footer}")
     return meta
+
+
+def _read_footer(loc: Location) -> pq.FileMetaData:
+    with loc.fs.open_input_file(loc.path) as f:
+        return pq.read_metadata(f)
+
+
+@dataclass
+class ReadStats:
+    """Shard reads of one dataset, for the loop's metrics (`data_stalls`, `data_wait_s`)."""
+    shard_reads: int = 0
+    stalls: int = 0
+    """Shards the loop had to wait for: not decoded yet, and no finished prefetch."""
+    wait_s: float = 0.0
+    """Seconds the loop spent waiting for shards."""
+
+
+def read_shard(loc: Location, width: int, policy: storage.RetryPolicy | None = None) -> np.ndarray:
+    """A token shard decoded into int32 [rows, width]; one GET of the whole object, retried on
+    transient errors (a stalled read times out and is retried)."""
+    try:
+        data = storage.retrying("read shard", loc, lambda: _read_object(loc), policy)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard {loc.uri} is missing (it is listed in meta.json); the dataset "
+                                "was changed after it was written: prepare it again") from None
+    column = pq.read_table(pa.BufferReader(data), columns=["tokens"]).column("tokens").combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), width)
+
+
+def _read_object(loc: Location) -> pa.Buffer:
+    with loc.fs.open_input_stream(loc.path) as f:
+        return f.read_buffer()
 
 
 class TokenDataset:
     """One split of a dataset, read lazily: `get(indices)` -> int64 [n, seq_len + 1].
 
     Decoded shards are kept in a small LRU cache: `GlobalOrder` visits one shard at a time, so
-    consecutive batches hit the same shard and no file is read twice in a row.
+    consecutive batches hit the same shard and no file is read twice in a row. With `prefetch`,
+    `prefetch(i)` reads shard i in a background thread while the current one trains
+    (`ShardedBatches` asks for the next shard of the order after every step).
     """
 
-    def __init__(self, path: str | Path, split: str = "train", cache_shards: int = 2) -> None:
+    def __init__(self, path: str | Path | Location, split: str = "train", cache_shards: int = 2,
+                 prefetch: bool = False, timeout_s: float | None = None, attempts: int | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split={split!r} must be one of {SPLITS}")
-        self.path = Path(path)
+        self.root = storage.locate(path, timeout_s=timeout_s)
+        self.path = self.root.uri
         self.split = split
-        self.meta = read_meta(path)
+        self.meta = read_meta(self.root)
         self.rows_per_shard = self.meta.rows_per_shard(split)
         self._offsets = np.cumsum([0] + self.rows_per_shard)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_shards = max(1, cache_shards)
+        self.stats = ReadStats()
+        self._policy = storage.RetryPolicy(attempts=attempts) if attempts else None
+        # One thread: reads are sequential in the order anyway, and a second would only
+        # compete with the training step for memory bandwidth.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="raymoe-prefetch") if prefetch else None
+        self._pending: dict[int, Future] = {}
 
     @property
     def seq_len(self) -> int:
@@ -302,6 +333,9 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    def shard_of_row(self, row: int) -> int:
+        return int(np.searchsorted(self._offsets, row, side="right") - 1)
 
     def get(self, indices: np.ndarray) -> np.ndarray:
         """Rows at `indices` (int [n], into the concatenated shards) as int64 [n, seq_len + 1]."""
@@ -316,18 +350,37 @@ class TokenDataset:
             out_NW[mask] = self._shard(int(shard))[indices[mask] - self._offsets[shard]]
         return out_NW
 
+    def prefetch(self, i: int) -> None:
+        """Start reading shard i in the background (no-op without prefetch, or if it is cached
+        or already on its way)."""
+        if self._pool is None or i in self._cache or i in self._pending:
+            return
+        self._pending[i] = self._pool.submit(read_shard, self._shard_location(i), self.seq_len + 1, self._policy)
+
+    def _shard_location(self, i: int) -> Location:
+        return self.root.join(self.meta.shards[self.split][i].file)
+
     def _shard(self, i: int) -> np.ndarray:
         """Shard i decoded once into int32 [rows, seq_len + 1]."""
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        column = pq.read_table(self.path / self.meta.shards[self.split][i].file,
-                               columns=["tokens"]).column("tokens").combine_chunks()
-        rows_NW = column.flatten().to_numpy().reshape(len(column), self.seq_len + 1)
+        t0 = time.perf_counter()
+        pending = self._pending.pop(i, None)
+        if pending is None or not pending.done():
+            self.stats.stalls += 1
+        # A failed prefetch raises here, in the loop, with the shard's URI.
+        rows_NW = pending.result() if pending is not None else read_shard(self._shard_location(i), self.seq_len + 1, self._policy)
+        self.stats.wait_s += time.perf_counter() - t0
+        self.stats.shard_reads += 1
         self._cache[i] = rows_NW
         if len(self._cache) > self._cache_shards:
             self._cache.popitem(last=False)
         return rows_NW
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------- order
@@ -377,6 +430,16 @@ class GlobalOrder:
             out[done: done + n] = self._offsets[shard] + perm[within: within + n]
             done += n
         return out
+
+    def shard_after(self, g: int) -> int:
+        """The shard the order visits after the one that holds sample g (the next epoch's
+        first shard after an epoch's last): what to prefetch."""
+        epoch, pos = divmod(g, self.num_rows)
+        shard_order, shard_start = self._layout(epoch)
+        k = int(np.searchsorted(shard_start, pos, side="right"))
+        if k < len(shard_order):
+            return int(shard_order[k])
+        return int(self._layout(epoch + 1)[0][0])
 
     def _layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shards in visiting order, and the epoch position at which each one starts."""
@@ -451,6 +514,11 @@ class ShardedBatches:
         """Micro-batches int64 [micro, seq_len + 1]. NOTE: the last may be shorter when
         micro_batch_size does not divide the per-rank batch: weight losses by rows."""
         batch_BW = self.dataset.get(self.rows_for_step(sample_start))
+        if hasattr(self.dataset, "prefetch"):
+            # NOTE: one shard ahead of the end of this rank's part of the step: enough when a
+            # shard lasts more than a step; a step spanning several shards waits for the others.
+            start, count = batch_indices(sample_start, self.global_batch, self.rank, self.world_size)
+            self.dataset.prefetch(self.order.shard_after(start + count - 1))
         return [batch_BW[i: i + self.micro_batch_size]
                 for i in range(0, len(batch_BW), self.micro_batch_size)]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import archs
 from cluster import checkpoint
 from cluster.config.job import model_from_dict
+from cluster.data import storage
 from cluster.data.tokenizer import load_tokenizer
 
 
@@ -19,26 +20,30 @@ def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_m
     than memory loads through accelerate (cluster/deploy/serving.py: blocks beyond the budget stay on disk).
     `tokenizer=False`: None in its place (a run imported without one can still be exported).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    run = storage.locate(run_dir)  # a local path or a URI (s3://bucket/runs/NAME)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run directory {run.uri} does not exist")
     if step is None:
-        ckpt = checkpoint.latest_complete(run_dir)
+        ckpt = checkpoint.latest_complete(run)
         if ckpt is None:
-            raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet ({checkpoint.PREFIX}* with meta.json)")
+            raise FileNotFoundError(f"{run.uri} has no complete checkpoint yet ({checkpoint.PREFIX}* with meta.json)")
     else:
-        ckpt = run_dir / checkpoint.dir_name(step)
+        ckpt = storage.native(run.join(checkpoint.dir_name(step)))
     meta = checkpoint.read_meta(ckpt)
     if model_cfg is not None:
         checkpoint.check_model(meta, model_cfg, ckpt)
     model_cfg = model_from_dict(meta["model"])
-    if max_memory_bytes is not None:
-        from cluster.deploy.serving import load_offloaded
+    # NOTE: a checkpoint in a bucket is downloaded to a temporary directory for the load (DCP
+    # reads local files) and removed after; the weights then live in memory (or offload_dir).
+    with storage.local_copy(ckpt) as local:
+        if max_memory_bytes is not None:
+            from cluster.deploy.serving import load_offloaded
 
-        if offload_dir is None:
-            raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
-        model = load_offloaded(ckpt, model_cfg, max_memory_bytes, offload_dir)
-    else:
-        model = archs.build(model_cfg)
-        checkpoint.load_model_weights(ckpt, model, model_cfg)
-    return model.eval(), load_tokenizer(run_dir / "tokenizer") if tokenizer else None, ckpt
+            if offload_dir is None:
+                raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
+            model = load_offloaded(local, model_cfg, max_memory_bytes, offload_dir)
+        else:
+            model = archs.build(model_cfg)
+            checkpoint.load_model_weights(local, model, model_cfg)
+    tok = run.join("tokenizer")
+    return model.eval(), load_tokenizer(tok.path if tok.is_local else tok.uri) if tokenizer else None, ckpt

@@ -176,9 +176,11 @@ def validation_batches(run_dir: str | Path, sequences: int, micro_batch: int = 8
 
     from cluster.data.tokens import TokenDataset, eval_batches
 
-    cfg_file = Path(run_dir) / "config.yaml"
+    from cluster.data import storage
+
+    cfg_file = storage.locate(run_dir).join("config.yaml")  # a local path or a URI
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: cannot tell which dataset the run used (pass --data)")
+        raise FileNotFoundError(f"{cfg_file.uri} is missing: cannot tell which dataset the run used (pass --data)")
     data_path = yaml.safe_load(cfg_file.read_text())["data"]["path"]
     return eval_batches(TokenDataset(data_path, "val"), sequences, micro_batch, 0, 1)
 

@@ -48,9 +48,15 @@ class Task(Protocol):
 class LanguageModeling:
     """Next-token prediction on fixed-length token sequences [B, T+1]."""
 
-    def __init__(self, data_path: str):
+    def __init__(self, data_path: str, prefetch: bool = False, read_timeout_s: float | None = None,
+                 read_attempts: int | None = None):
         self.path = data_path
         self.meta = read_meta(data_path)
+        self.read = dict(prefetch=prefetch, timeout_s=read_timeout_s, attempts=read_attempts)
+
+    @classmethod
+    def from_config(cls, data_cfg) -> LanguageModeling:
+        return cls(data_cfg.path, data_cfg.prefetch, data_cfg.read_timeout_s, data_cfg.read_attempts)
 
     def configure_model(self, model_cfg):
         if model_cfg.vocab_size is None:
@@ -65,7 +71,7 @@ class LanguageModeling:
         return model_cfg
 
     def train_batches(self, global_batch, micro_batch_size, rank, world, seed):
-        ds = TokenDataset(self.path, "train")
+        ds = TokenDataset(self.path, "train", **self.read)
         return ShardedBatches(ds, GlobalOrder(self.meta.rows_per_shard("train"), seed),
                               global_batch, micro_batch_size, rank, world)
 

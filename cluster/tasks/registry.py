@@ -25,7 +25,7 @@ def _image_text(data_cfg, train_cfg) -> Task:
 
 
 # name -> build(data config, train config)
-TASKS = {"lm": lambda data_cfg, train_cfg: LanguageModeling(data_cfg.path), "distill": _distillation,
+TASKS = {"lm": lambda data_cfg, train_cfg: LanguageModeling.from_config(data_cfg), "distill": _distillation,
          "forecast": _forecasting, "image_text": _image_text}
 
 

@@ -2,13 +2,16 @@
 
 Everything that can be rejected is rejected here, before a worker starts: config, data, and a
 resume onto a checkpoint written by a different model.
+
+Data and runs may live on a local/shared disk or under a URI (`s3://bucket/runs`): every read and
+write of the run goes through `cluster.data.storage`. Credentials are never part of the job's
+config; processes Ray starts for this run get the standard AWS variables of this environment.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +22,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from cluster import checkpoint
 from cluster.config.job import JobConfig, dump_config
+from cluster.data import storage
+from cluster.data.storage import Location
 from cluster.tasks.registry import build_task
 from cluster.train.capacity import check_cluster, check_reachable
 from cluster.train.loop import train_loop_per_worker
@@ -28,7 +33,7 @@ from cluster.train.malloc import CACHING_MALLOC_ENV
 def prepare_data(job: JobConfig) -> None:
     """Create the built-in corpus if `data.path` does not exist and `data.builtin` names one."""
     d, m = job.data, job.model
-    if d.builtin is not None and not Path(d.path).exists():
+    if d.builtin is not None and not storage.locate(d.path).exists():
         from cluster.data.prepare import ensure_default_dataset, ensure_task_dataset
 
         print(f"[raymoe] preparing the built-in '{d.builtin}' data at {d.path} ...", flush=True)
@@ -42,7 +47,7 @@ def prepare_data(job: JobConfig) -> None:
 
 def resolve(job: JobConfig) -> JobConfig:
     """Absolute paths (workers may run elsewhere) and data-dependent model fields."""
-    data = dataclasses.replace(job.data, path=str(Path(job.data.path).resolve()))
+    data = dataclasses.replace(job.data, path=storage.locate(job.data.path).uri)
     task = build_task(job.train.task, data, job.train)  # reads and checks the dataset's metadata
     model = task.configure_model(job.model)
     return dataclasses.replace(job, data=data, model=model)
@@ -52,7 +57,7 @@ def new_run_name(job: JobConfig) -> str:
     return f"{job.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_resume(run_dir: Path, job: JobConfig) -> Path | None:
+def check_resume(run_dir: Path | Location, job: JobConfig) -> Path | Location | None:
     """The checkpoint a rerun would resume from, after checking it fits this model."""
     latest = checkpoint.latest_complete(run_dir)
     if latest is not None:
@@ -60,12 +65,36 @@ def check_resume(run_dir: Path, job: JobConfig) -> Path | None:
     return latest
 
 
+def under_ray_job() -> bool:
+    """True in the entrypoint of `ray job submit` (the job supervisor sets its job config)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def storage_root(storage_path: str) -> Location:
+    """Where runs go. Under `ray job submit` the working directory is Ray's temporary copy of
+    the job's files, deleted when Ray cleans up: a relative `cluster.storage_path` is then taken
+    relative to RAYMOE_STORAGE_PATH (a cluster file's setup can export it; a URI works) or else
+    Ray Train's own default storage, ~/ray_results."""
+    if storage.is_uri(storage_path) or Path(storage_path).is_absolute() or not under_ray_job():
+        return storage.locate(storage_path)
+    base = os.environ.get("RAYMOE_STORAGE_PATH") or "~/ray_results"
+    loc = storage.locate(base).join(storage_path)
+    print(f"[raymoe] under a Ray job: cluster.storage_path={storage_path!r} would be inside Ray's temporary "
+          f"working directory; storing runs under {loc.uri} instead (set cluster.storage_path to an absolute "
+          "path or a URI, or RAYMOE_STORAGE_PATH, to choose)", flush=True)
+    return loc
+
+
 def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     # address=None: RAY_ADDRESS (set under `ray job submit`) or a running local cluster, else a
-    # new embedded one. Its dashboard stays on: Ray Train's state API needs it.
-    ray.init(address=address, log_to_driver=True, configure_logging=False)
+    # new embedded one. Its dashboard stays on: Ray Train's state API needs it. Outside a Ray job,
+    # Ray's processes (Train's controller, the workers) get this shell's AWS variables, so a run in
+    # a bucket needs nothing more; under a job they come from the job's or the cluster's setup.
+    env = {} if under_ray_job() else storage.credential_env()
+    ray.init(address=address, log_to_driver=True, configure_logging=False,
+             **({"runtime_env": {"env_vars": env}} if env else {}))
 
 
 def fit(job: JobConfig) -> dict:
@@ -73,23 +102,24 @@ def fit(job: JobConfig) -> dict:
     t0 = time.perf_counter()
     prepare_data(job)
     job = resolve(job)
-    storage = Path(job.cluster.storage_path).resolve()
+    root = storage_root(job.cluster.storage_path)
     name = job.cluster.run_name or new_run_name(job)
-    job = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, run_name=name))
-    run_dir = storage / name
-    latest = check_resume(run_dir, job)
+    job = dataclasses.replace(job, cluster=dataclasses.replace(job.cluster, run_name=name,
+                                                               storage_path=root.uri))
+    run = root.join(name)
+    latest = check_resume(run, job)
     check_reachable(job.cluster.address)  # a job that cannot run fails here, before it writes anything
     connect(job.cluster.address)
     check_cluster(job.cluster)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(job))
-    _copy_tokenizer(job.data.path, run_dir)
-    print(f"[raymoe] run {name} -> {run_dir}" + (f" (resuming {latest.name})" if latest else ""), flush=True)
+    run.join("config.yaml").write_text(dump_config(job))
+    _copy_tokenizer(job.data.path, run)
+    print(f"[raymoe] run {name} -> {run.uri}" + (f" (resuming {latest.name})" if latest else ""), flush=True)
+    storage_path, storage_fs = storage.ray_storage(root)
 
     c = job.cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "run_dir": str(run_dir), "storage": str(storage),
+        train_loop_config={"job": job, "run_dir": run.uri, "storage": root.uri,
                            # Tests stretch a tiny run so that a node can die and return mid-run.
                            "pace_file": os.environ.get("RAYMOE_TEST_PACE_FILE")},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
@@ -97,7 +127,7 @@ def fit(job: JobConfig) -> dict:
                                      elastic_resize_monitor_interval_s=c.resize_interval_s,
                                      use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              # Train's print patch would send each progress line twice through its logger;
@@ -106,24 +136,29 @@ def fit(job: JobConfig) -> dict:
                                                               **({} if c.use_gpu else CACHING_MALLOC_ENV)}}),
     )
     result = trainer.fit()
-    summary = summarize(run_dir, time.perf_counter() - t0)
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = summarize(run, time.perf_counter() - t0)
+    summary["checkpoint"] = run.join(Path(result.checkpoint.path).name).uri if result.checkpoint else None
+    run.join("summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[raymoe] run stored at {run.uri}", flush=True)
     return summary
 
 
-def _copy_tokenizer(data_path: str, run_dir: Path) -> None:
+def _copy_tokenizer(data_path: str, run_dir: Path | Location) -> None:
     """Generation needs the tokenizer even if the dataset moves: keep its files with the run."""
-    dst = run_dir / "tokenizer"
-    dst.mkdir(exist_ok=True)
+    src, dst = storage.locate(data_path), storage.locate(run_dir).join("tokenizer")
+    present = {c.name for c in src.children()}
     for f in ("meta.json", "tokenizer.json", "tokenizer_config.json", "special_tokens.json"):
-        if (Path(data_path) / f).is_file():
-            shutil.copy2(Path(data_path) / f, dst / f)
+        if f in present:
+            dst.join(f).write_bytes(src.join(f).read_bytes())
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def read_metrics(run_dir: str | Path | Location) -> list[dict]:
+    loc = storage.locate(run_dir).join("metrics.jsonl")
+    try:
+        text = loc.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def step_losses(records: list[dict]) -> dict[int, float]:
@@ -131,7 +166,7 @@ def step_losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def summarize(run_dir: Path, wall_s: float) -> dict:
+def summarize(run_dir: Path | Location, wall_s: float) -> dict:
     records = read_metrics(run_dir)
     losses = step_losses(records)
     evals = [r for r in records if "val_loss" in r]
@@ -139,7 +174,7 @@ def summarize(run_dir: Path, wall_s: float) -> dict:
     last_step = max(losses) if losses else 0
     aux = {r["step"]: r["aux_loss"] for r in records if "aux_loss" in r}
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir),  # a path or a URI
         "steps": last_step,
         "final_train_loss": losses.get(last_step),
         "final_aux_loss": aux.get(last_step),

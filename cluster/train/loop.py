@@ -5,7 +5,6 @@ is one, then step -> log -> evaluate -> checkpoint until the run (or this launch
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -20,6 +19,7 @@ import archs
 import parallel
 from cluster import checkpoint
 from cluster.config.job import JobConfig
+from cluster.data import storage
 from cluster.tasks.registry import build_task
 from cluster.train.metrics import build_metrics, measure_peak_flops, peak_flops
 from cluster.train.optim import build_optimizer, build_scheduler
@@ -31,7 +31,7 @@ from parallel.mesh import build_groups
 def train_loop_per_worker(loop_config: dict) -> None:
     _quiet_ray_train_reports()
     job: JobConfig = loop_config["job"]
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = storage.locate(loop_config["run_dir"])  # a shared path or a URI
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     t, c = job.train, job.cluster
@@ -78,30 +78,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     step = 0
     resumed = ray.train.get_checkpoint()
-    # NOTE: both fallbacks read run_dir: storage must be a path every worker sees (shared storage).
-    with (resumed.as_directory() if resumed is not None else contextlib.nullcontext()) as latest:
-        if latest is not None:  # Ray's latest, or an older intact one if that one is damaged
-            ckpt_dir = checkpoint.choose_resume(Path(latest), run_dir)
-        else:  # a group that failed right after a save may restart before Ray registered it
-            ckpt_dir = checkpoint.latest_complete(run_dir)
-        state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world) if ckpt_dir else None
+    # Checked where it is stored (a shared path or the bucket): Ray's latest, or an older intact
+    # one if that one is damaged; with none registered, the run's newest intact one (a group that
+    # failed right after a save may restart before Ray registered it).
+    if resumed is not None:
+        ckpt_dir = checkpoint.choose_resume(run_dir.join(Path(resumed.path).name), run_dir)
+    else:
+        ckpt_dir = checkpoint.latest_complete(run_dir)
+    state = None
+    if ckpt_dir is not None:
+        with storage.local_copy(ckpt_dir) as local:
+            state = checkpoint.load(local, model, optimizer, job.model, rank, world)
     if state is not None:
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if rank == 0:
-            print(f"[raymoe] resumed from step {step} ({Path(ckpt_dir).name}) on {world} workers", flush=True)
+            print(f"[raymoe] resumed from step {step} ({ckpt_dir.name}) on {world} workers", flush=True)
     else:
         # Per data-parallel rank stream for dropout/jitter after the shared init: TP ranks must
         # draw the same (they compute on the same tokens), pipeline stages may.
         torch.manual_seed(t.seed + 1 + dp_rank)
 
-    log = build_metrics(job.metrics, c.run_name, run_dir, Path(loop_config["storage"]), rank)
+    log = build_metrics(job.metrics, c.run_name, run_dir, storage.locate(loop_config["storage"]), rank)
     kernel_lines, kernel_record = kernel_report(model, t.precision, device)  # which MoE kernel runs, once
     if rank == 0 and kernel_lines:
         print("\n".join(kernel_lines), flush=True)
     if kernel_record:
         log.log(kernel_record, step)
+    reads = batches.dataset.stats if hasattr(batches.dataset, "stats") else None
+    wait_seen = 0.0  # seconds waited for data up to the last logging window
     # MFU against the peak (datasheet, configured, or measured where none is known) and, as a
     # separate series, against a matmul measured here ("achievable"); rank 0 only logs.
     peak = peak_flops(device, job.metrics.peak_flops) if rank == 0 else None
@@ -158,6 +164,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 record["mfu"] = tok_s * flops_per_token / (world * peak.flops)
                 record["mfu_achievable"] = tok_s * flops_per_token / (world * achievable)
                 record["mfu_basis"] = peak.basis
+            record["storage_retries"] = storage.STATS.retries
+            if reads is not None:
+                # Stalls: shards the step had to wait for (the first one always; with prefetch on,
+                # any later one means reading is slower than training).
+                record.update(data_stalls=reads.stalls, data_wait_s=reads.wait_s - wait_seen)
+                wait_seen = reads.wait_s
             if result.moe:
                 record["moe"] = result.moe["layers"]
             # Mean seconds per step of each phase in the window; metrics, progress, eval and
@@ -179,6 +191,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             train_state = {"step": step, "samples": step * t.global_batch_size,
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+            log.flush()  # metrics up to this checkpoint are stored with the run before it counts
             with tempfile.TemporaryDirectory(prefix="raymoe-ckpt-") as tmp:
                 checkpoint.save(tmp, model, optimizer, train_state, job.model, rank, world)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -190,8 +203,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     done = step - start_step
     if done:
         log.log({"event": "launch_end", "steps_this_launch": done, "train_s": wall,
-                 "tokens_per_s": done * tokens_per_step / wall, "world_size": world}, step)
+                 "tokens_per_s": done * tokens_per_step / wall, "world_size": world,
+                 "data_stalls": reads.stalls if reads else None, "storage_retries": storage.STATS.retries}, step)
     log.close()
+    if hasattr(batches.dataset, "close"):
+        batches.dataset.close()
 
 
 def _pace(path: str) -> None:
@@ -237,6 +253,10 @@ def print_progress(r: dict, stop: int, total: int, elapsed: float, done: int) ->
     mfu = f" | MFU {100 * r['mfu']:.0f}%" if "mfu" in r else ""
     if r.get("mfu_basis") == "measured":
         mfu += " (of a measured matmul)"
+    if r.get("storage_retries"):
+        mfu += f" | storage retries {r['storage_retries']}"
+    if r.get("data_wait_s", 0) > 0.1:  # the window waited for data: worth a mention
+        mfu += f" | data wait {r['data_wait_s']:.1f}s ({r['data_stalls']} stalls)"
     print(f"[raymoe] step {r['step']:>5}/{total} | loss {r['loss']:.4f}{val} | lr {r['lr']:.2e} | "
           f"{r['tokens_per_s'] / 1e3:6.1f}k tok/s{mfu} | left {_fmt_s(left)}", flush=True)
 

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.registry import Collector
+
+from cluster.data import storage
+from cluster.data.storage import Location
 
 TRAIN_SERIES = {  # record key -> (series, help)
     "loss": ("raymoe_loss", "training loss (task loss, mean over the global batch)"),
@@ -35,6 +39,9 @@ TRAIN_SERIES = {  # record key -> (series, help)
     "mfu_achievable": ("raymoe_mfu_achievable", "model FLOPs/s over (workers x a large matmul measured at start)"),
     "aux_loss": ("raymoe_aux_loss", "MoE auxiliary losses (weighted, summed over layers)"),
     "step": ("raymoe_step", "optimizer steps done"),
+    "storage_retries": ("raymoe_storage_retries", "transient storage errors retried by this process (reset, timeout, 5xx, throttling)"),
+    "data_stalls": ("raymoe_data_stalls", "training shards the loop had to wait for (the first one always)"),
+    "data_wait_s": ("raymoe_data_wait_seconds", "seconds the loop waited for data over the last logging window"),
 }
 LAYER_SERIES = {  # per-layer MoE summary key -> (series, help)
     "aux_loss": ("raymoe_moe_aux_loss", "weighted auxiliary loss of the layer"),
@@ -51,20 +58,43 @@ EXPERT_SERIES = ("raymoe_moe_expert_tokens", "tokens routed to the expert in the
 
 
 class JsonlBackend:
-    """Appends one JSON line per call to RUN_DIR/metrics.jsonl (what summaries and plots read)."""
+    """Appends one JSON line per call to RUN_DIR/metrics.jsonl (what summaries and plots read).
 
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
+    A run in an object store (no appends there): the lines go to a local file that is uploaded
+    whole at every `flush` (before each checkpoint), every `sync_s` seconds and at `close`; a
+    relaunch starts from the stored copy. Lines after the last checkpoint can be lost with the
+    worker, and those steps are trained (and logged) again after the restart anyway.
+    """
+
+    def __init__(self, path: Path | Location, sync_s: float = 30.0):
+        loc = storage.locate(path)
+        self.remote = None if loc.is_local else loc
+        if self.remote is None:
+            self.path = Path(loc.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix="raymoe-metrics-")) / "metrics.jsonl"
+            try:
+                self.path.write_bytes(self.remote.read_bytes())
+            except FileNotFoundError:
+                pass
+        with open(self.path, "a"):
             pass  # fail now, with the path in the message, if the directory is not writable
+        self.sync_s, self._synced = sync_s, time.monotonic()
 
     def log(self, metrics: dict, step: int) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"time": time.time(), **metrics, "step": step}) + "\n")
+        if self.remote is not None and time.monotonic() - self._synced > self.sync_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote is not None:
+            self.remote.write_bytes(self.path.read_bytes())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
-        pass
+        self.flush()
 
 
 class _ScrapeCounter(Collector):
@@ -147,6 +177,12 @@ class MetricsLogger:
         for backend in self.backends:
             backend.log(metrics, step)
 
+    def flush(self) -> None:
+        """Store what has been logged so far with the run (matters for a run in a bucket)."""
+        for backend in self.backends:
+            if hasattr(backend, "flush"):
+                backend.flush()
+
     def close(self) -> None:
         for backend in self.backends:
             backend.close()
@@ -156,18 +192,23 @@ class MetricsLogger:
         return next((b for b in self.backends if isinstance(b, PrometheusBackend)), None)
 
 
-def build_metrics(cfg, run: str, run_dir: Path, storage: Path, rank: int) -> MetricsLogger:
+def build_metrics(cfg, run: str, run_dir: Path | Location, storage_root: Path | Location,
+                  rank: int) -> MetricsLogger:
     """Rank 0: the JSON-lines file (unless metrics.jsonl is off) and, if enabled, the exporter."""
     if rank != 0:
         return MetricsLogger([])
     backends: list = []
+    metrics_file = storage.locate(run_dir).join("metrics.jsonl")
     if cfg.jsonl:
         try:
-            backends.append(JsonlBackend(run_dir / "metrics.jsonl"))
+            backends.append(JsonlBackend(metrics_file))
         except OSError as e:
-            _warn(f"cannot write metrics to {run_dir / 'metrics.jsonl'} ({e}); training goes on without them")
+            _warn(f"cannot write metrics to {metrics_file.uri} ({e}); training goes on without them")
     if cfg.prometheus:
-        sd_dir = Path(cfg.file_sd_dir) if cfg.file_sd_dir else storage / "prometheus_targets"
+        root = storage.locate(storage_root)
+        # Prometheus reads its targets from a local file: runs in a bucket put it in the temp dir.
+        default_sd = Path(root.path) if root.is_local else Path(tempfile.gettempdir()) / "raymoe"
+        sd_dir = Path(cfg.file_sd_dir) if cfg.file_sd_dir else default_sd / "prometheus_targets"
         try:
             exporter = PrometheusBackend(run, cfg.host, cfg.port, sd_dir, cfg.expert_series_limit, cfg.linger_s)
             backends.append(exporter)
