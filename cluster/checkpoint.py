@@ -317,10 +317,13 @@ def _join(template: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
 
 def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) -> None:
     """Inverse of split_experts, after loading into the per-expert entries."""
-    for fqn, (offset, n, template, optim_state) in layout.items():
-        held = list(_held(template, offset, n))
+    for fqn, entry in layout.items():
+        # `expert_layout`'s (offset, count) for plain whole tensors, or `split_experts`' full entry
+        offset, n, template, optim_state = entry if len(entry) == 4 else (*entry, None, None)
+        held = list(_held(template, offset, n)) if template is not None else list(range(offset, offset + n))
         keys = [f"{fqn}.expert{g}" for g in held]
-        model_sd[fqn] = _join(template, [model_sd.pop(k) for k in keys])
+        parts = [model_sd.pop(k) for k in keys]
+        model_sd[fqn] = _join(template, parts) if template is not None else torch.stack(parts)
         if optim_sd is not None and keys and keys[0] in optim_sd.get("state", {}):
             parts = [optim_sd["state"].pop(k) for k in keys]
             optim_sd["state"][fqn] = {k: _join(optim_state[k], [p[k] for p in parts]) if _per_expert(optim_state[k], n)
