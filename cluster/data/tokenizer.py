@@ -277,7 +277,7 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     elif meta.tokenizer == "byte":
         tok = ByteTokenizer()
     elif meta.tokenizer == "bpe":
-        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import Tokenizer as RustTokenizer
 
         from cluster.data import storage
 
@@ -285,7 +285,7 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
         if not loc.is_file():
             raise FileNotFoundError(f"data path '{data_dir}' uses a BPE tokenizer but has no "
                                     "tokenizer.json")
-        tok = BPETokenizer(HFTokenizer.from_str(loc.read_text()))
+        tok = BPETokenizer(RustTokenizer.from_str(loc.read_text()))
     elif meta.tokenizer == "json":
         tok = JSONTokenizer.from_path(data_dir)
     else:
