@@ -360,3 +360,21 @@ def test_truncated_zst_and_parquet_types(tmp_path):
     nulls = list(iter_records(SourceFile(str(tmp_path / "nulls.parquet"), "parquet", 1, 0, 0)))
     assert nulls[0] == (0, "a") and nulls[2] == (2, "b")
     assert (nulls[1].kind, nulls[1].line, nulls[1].where()) == ("missing_field", 1, f"{tmp_path / 'nulls.parquet'} row 1")
+
+
+def test_pipeline_publishes_into_a_bucket_byte_identical_to_disk(corpus, ray_cluster, s3, tmp_path):
+    """`--out s3://...` through the Ray Data engine: staged locally, uploaded with meta.json last;
+    the objects equal the files of the same preparation on disk."""
+    from cluster.data import storage
+    from tests.storage_server import BUCKET
+
+    sources = corpus["sources"][:2]
+    run(sources, tmp_path / "local", ray_cluster)
+    uri = f"s3://{BUCKET}/corpus-{os.getpid()}"
+    run(sources, uri, ray_cluster)
+    remote = storage.locate(uri)
+    names = sorted(c.name for c in remote.children())
+    assert names == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for name in names:
+        assert remote.join(name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    assert read_meta(uri).num_train == read_meta(tmp_path / "local").num_train

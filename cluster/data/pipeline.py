@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -504,9 +505,16 @@ def prepare_corpus(opts: CorpusOptions, print_fn: Callable[[str], None] | None =
     import ray
     import ray.data
 
+    from cluster.data import storage
+
     opts.check()
-    out = Path(opts.out)
-    check_out_dir(out, opts.overwrite)  # before any work, not after
+    dest = storage.locate(opts.out)  # a local path or a URI (s3://bucket/prefix)
+    storage.check_absent(dest, opts.overwrite)  # before any work, not after
+    # The work and staging directories are local: beside a local output (one rename publishes),
+    # under the temporary directory for a bucket (published by upload, meta.json last).
+    out = Path(dest.path) if dest.is_local else Path(tempfile.gettempdir()) / f"raymoe-prepare-{dest.name}"
+    if dest.is_local:
+        check_out_dir(out, opts.overwrite)
     sources = discover(opts.sources)
     work = out.with_name(f"{out.name}.work")
     tokenizer_began = time.monotonic()
@@ -641,7 +649,7 @@ def prepare_corpus(opts: CorpusOptions, print_fn: Callable[[str], None] | None =
         if not isinstance(tok, ByteTokenizer):
             tok.save(tmp / "tokenizer.json")
         (tmp / "meta.json").write_text(meta.to_json())  # last: a directory with meta.json is complete
-        publish(tmp, out, opts.overwrite)
+        publish(tmp, dest, opts.overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
