@@ -131,6 +131,10 @@ def ray_cluster(tmp_path_factory):
            f"--port={gcs}", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
            f"--metrics-export-port={free_port()}",  # Ray's own metrics on: raymoe's exporter must coexist
+           # Agents on free ports too: with the defaults a second cluster on the machine (another test
+           # session) has no job agent, and `ray job submit` fails with "No available agent".
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}",
            "--disable-usage-stats"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{gcs}"
