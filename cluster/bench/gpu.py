@@ -37,8 +37,9 @@ import torch
 
 PARTS = "abcdef"
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor datasheets, no sparsity).
-# NOTE: a small local lookup, to be replaced by the accelerator peak table issue 15 adds to
-# cluster/train/metrics.py once that is on main.
+# NOTE: a copy of the main table's bf16 figures (cluster.train.metrics.ACCELERATORS), kept here
+# because that module imports prometheus_client and pyarrow, which the lent GPU machine lacks;
+# keep the two in step by hand.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
                    "L40S": 362e12, "L4": 121e12, "B200": 2250e12, "GB200": 2500e12}
 
