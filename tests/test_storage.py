@@ -171,3 +171,18 @@ def test_relative_storage_under_a_ray_job_goes_to_a_durable_place(tmp_path, monk
     assert storage_root("runs").path == str(storage.locate("~/ray_results/runs").path)
     assert storage_root(str(tmp_path / "abs")).path == str(tmp_path / "abs")  # explicit: kept
     assert storage_root(f"s3://{BUCKET}/runs").uri == f"s3://{BUCKET}/runs"
+
+
+def test_the_sdks_fault_messages_are_classified_by_kind():
+    from cluster.data.storage import transient_kind
+    kinds = {
+        # A 503 whose XML body the SDK parsed, and one it did not (CI saw the second on a GetObject).
+        "AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.": "throttled",
+        "AWS Error UNKNOWN (HTTP status 503) during GetObject operation: No response body.": "throttled",
+        "AWS Error UNKNOWN (HTTP status 500) during GetObject operation: No response body.": "server error 5xx",
+        "AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 56, Failure when receiving "
+        "data from the peer": "connection reset",
+        "AWS Error ACCESS_DENIED during GetObject operation: Access Denied": None,
+        "AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.": None,
+    }
+    assert {msg: transient_kind(OSError(msg)) for msg in kinds} == kinds

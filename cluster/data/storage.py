@@ -243,11 +243,13 @@ _TRANSIENT = (
     ("timed out", "timeout"), ("timeout", "timeout"), ("curlcode: 28", "timeout"),
     ("slowdown", "throttled"), ("slow down", "throttled"), ("throttl", "throttled"),
     ("reduce your request rate", "throttled"), ("toomanyrequests", "throttled"), ("429", "throttled"),
-    ("503", "server error 5xx"), ("500", "server error 5xx"), ("502", "server error 5xx"),
-    ("504", "server error 5xx"), ("service unavailable", "server error 5xx"),
+    # S3 answers 503 when it throttles (SlowDown, and ServiceUnavailable on a hot prefix); the SDK
+    # parses the error body only sometimes (not on every GetObject stream), so the status decides.
+    ("503", "throttled"), ("service unavailable", "throttled"), ("service_unavailable", "throttled"),
+    ("500", "server error 5xx"), ("502", "server error 5xx"), ("504", "server error 5xx"),
     ("internal error", "server error 5xx"), ("internalerror", "server error 5xx"),
     # A 5xx with a body on GetObject surfaces as a failed response stream.
-    ("internal_failure", "server error 5xx"), ("service_unavailable", "server error 5xx"),
+    ("internal_failure", "server error 5xx"),
     ("slow_down", "throttled"), ("request_timeout", "timeout"),
     ("network_connection", "network error"), ("unexpected eof", "network error"),
 )
@@ -294,7 +296,7 @@ def retrying(what: str, loc: Location, fn: Callable[[], T], policy: RetryPolicy 
             delay = min(policy.max_s, policy.base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
             STATS.record(kind)
             print(f"[raymoe] storage: {what} {loc.uri}: {kind}; retry {attempt + 1}/{policy.attempts - 1} "
-                  f"in {delay:.2f} s", flush=True)
+                  f"in {delay:.2f} s ({first_line[:160]})", flush=True)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
