@@ -23,8 +23,10 @@ setup: $(STAMP)
 train: setup
 	$(PY) -m jobs.train $(ARGS)
 
+# Two pytest workers on the two cores: the Ray tests all go to one of them (one Ray cluster per run),
+# the rest spread over both (tests/conftest.py assigns the groups).
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -4,15 +4,10 @@ The reference applies the unsharded model to every rank's micro-batch in turn (r
 and the auxiliary losses are per micro-batch) and averages the gradients: exactly `train_step`
 over the ranks' batches as micro-batches.
 """
-import gc
-import os
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import archs
 from archs.moe_transformer import PRESETS, MoETransformerConfig
@@ -26,7 +21,7 @@ from moe.layer import moe_layers
 from parallel.data_parallel import apply_data_parallel
 from parallel.expert_parallel import AllToAllDispatcher, apply_expert_parallel, source_to_expert_major
 from parallel.mesh import ParallelDims, build_groups
-from tests.conftest import free_port
+from tests import ranks
 from tests.test_moe import batches
 from tests.test_step import CPU, ArrayLM
 
@@ -35,20 +30,8 @@ STEPS = 10
 
 
 def spawn(fn, world, *args):
-    port = free_port()
-    mp.start_processes(_entry, args=(fn, world, port, args), nprocs=world, start_method="spawn")
-
-
-def _entry(rank, fn, world, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # Short timeout: when a collective fails on one rank the others would otherwise wait 30 min.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
-    torch.set_num_threads(1)
-    try:
-        fn(rank, world, *args)
-    finally:
-        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
-        dist.destroy_process_group()
+    """fn(rank, world, *args) on `world` gloo ranks (reused processes: tests/ranks.py)."""
+    ranks.run(fn, world, *args)
 
 
 def model_cfg(**moe):

@@ -15,6 +15,7 @@ from cluster.config.job import ConfigError, load_config, num_experts
 from cluster.train.precision import DynamicLossScaler
 from cluster.train.step import train_step
 from parallel.mesh import ParallelDims, build_groups
+from tests import ranks
 from tests.test_expert_parallel import spawn
 from tests.test_parallel_layouts import _moe_layout, build, check_layout, dense_cfg, moe_cfg, step_data
 from tests.test_step import CPU, ArrayLM
@@ -267,7 +268,7 @@ def test_fsdp_meta_init_peak_memory_stays_below_the_unsharded_model(tmp_path, mo
                   d_ff=512, max_seq_len=64)
     n_params = sum(p.numel() for p in build(cfg).parameters())
     weights = 4 * n_params
-    spawn(_memory_worker, 2, cfg, str(tmp_path))
+    ranks.run_fresh(_memory_worker, 2, cfg, str(tmp_path))  # a new process: VmHWM from zero
     for rank in range(2):
         got = torch.load(tmp_path / f"mem{rank}.pt", weights_only=True)
         assert got["built"] < weights, (rank, got, weights)

@@ -148,24 +148,33 @@ def test_resume_onto_another_model_shape_is_refused_before_workers_start(straigh
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if "checkpoint_" in str(p)} == before
 
 
-def test_moe_transformer_trains_with_expert_parallelism_on_two_workers(ray_cluster, tiny_data, tmp_path):
-    summary = fit(load_config("moe_debug", debug_overrides(tiny_data, tmp_path, "moe") + ["train.steps=8", "parallel.ep=2"]))
+@pytest.fixture(scope="module")
+def moe_ep2(ray_cluster, tiny_data, tmp_path_factory):
+    """8 steps of the MoE debug model at EP=2 with DDP, checkpointed every 4: one run, both the
+    EP test's subject and the FSDP test's reference."""
+    storage = tmp_path_factory.mktemp("moe")
+    summary = fit(load_config("moe_debug", debug_overrides(tiny_data, storage, "moe") +
+                              ["train.steps=8", "parallel.ep=2", "train.checkpoint_interval=4"]))
+    return storage / "moe", summary
+
+
+def test_moe_transformer_trains_with_expert_parallelism_on_two_workers(moe_ep2):
+    run_dir, summary = moe_ep2
     assert summary["steps"] == 8 and summary["last_val_loss"] < summary["first_val_loss"]
     assert summary["final_aux_loss"] > 0
-    moe_records = [r for r in read_metrics(tmp_path / "moe") if "moe" in r]
+    moe_records = [r for r in read_metrics(run_dir) if "moe" in r]
     assert moe_records and len(moe_records[-1]["moe"]) == 2  # both layers' statistics, reduced over ranks
     assert sum(moe_records[-1]["moe"][0]["tokens_per_expert"]) == 8 * 64 * 2  # global batch x seq x top-2
 
 
-def test_fsdp_with_ep2_on_two_workers_resumes_without_fsdp_on_the_same_curve(ray_cluster, tiny_data, tmp_path):
+def test_fsdp_with_ep2_on_two_workers_resumes_without_fsdp_on_the_same_curve(moe_ep2, tiny_data, tmp_path):
     """`--set parallel.fsdp=true --set parallel.ep=2` through the job: 4 sharded steps, then the same
     run continued with DDP + EP=2 from the FSDP checkpoint, equal to 8 steps of DDP + EP=2."""
-    base = debug_overrides(tiny_data, tmp_path, "ref") + ["train.steps=8", "parallel.ep=2", "train.checkpoint_interval=4"]
-    fit(load_config("moe_debug", base))
+    ref_dir, _ = moe_ep2
     run = debug_overrides(tiny_data, tmp_path, "sharded") + ["train.steps=8", "parallel.ep=2", "train.checkpoint_interval=4"]
     fit(load_config("moe_debug", run + ["parallel.fsdp=true", "train.stop_at_step=4"]))
     fit(load_config("moe_debug", run))  # resumes at step 4 without FSDP
-    ref, got = step_losses(read_metrics(tmp_path / "ref")), step_losses(read_metrics(tmp_path / "sharded"))
+    ref, got = step_losses(read_metrics(ref_dir)), step_losses(read_metrics(tmp_path / "sharded"))
     assert sorted(got) == list(range(1, 9))
     np.testing.assert_allclose([got[s] for s in range(1, 9)], [ref[s] for s in range(1, 9)], rtol=0, atol=1e-4)
     launches = [r for r in read_metrics(tmp_path / "sharded") if r.get("event") == "launch_start"]

@@ -1,13 +1,8 @@
 """The training step: accumulation, fp16 loss scaling, data-parallel equivalence (gloo, 2 ranks)."""
-import gc
-import os
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import archs
 from archs.transformer import PRESETS, TransformerConfig
@@ -16,7 +11,7 @@ from cluster.train.optim import build_optimizer, build_scheduler, lr_factor
 from cluster.train.step import train_step
 from cluster.tasks.lm import LanguageModeling
 from parallel.data_parallel import apply_data_parallel
-from tests.conftest import free_port
+from tests import ranks
 
 CPU = torch.device("cpu")
 
@@ -105,18 +100,11 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[-1] == pytest.approx(0.1, abs=1e-3)
 
 
-def _ddp_worker(rank, world, port, batches, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
-    try:
-        torch.set_num_threads(1)
-        model = make_model()
-        losses = run_steps(apply_data_parallel(model, CPU), batches, micro=2, rank=rank, world=world)
-        if rank == 0:
-            torch.save({"losses": losses, "state": model.state_dict()}, out)
-    finally:
-        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, batches, out):
+    model = make_model()
+    losses = run_steps(apply_data_parallel(model, CPU), batches, micro=2, rank=rank, world=world)
+    if rank == 0:
+        torch.save({"losses": losses, "state": model.state_dict()}, out)
 
 
 @pytest.mark.multiproc
@@ -125,7 +113,7 @@ def test_data_parallel_two_ranks_equal_single_process(tmp_path):
     ref_model = make_model()
     ref_losses = run_steps(ref_model, batches, micro=8)
     out = tmp_path / "rank0.pt"
-    mp.start_processes(_ddp_worker, args=(2, free_port(), batches, str(out)), nprocs=2, start_method="spawn")
+    ranks.run(_ddp_worker, 2, batches, str(out))
     result = torch.load(out, weights_only=True)
     losses, state = result["losses"], result["state"]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
