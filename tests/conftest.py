@@ -176,6 +176,7 @@ def s3():
         server.close()
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): every test that needs
     Ray goes to one worker, so the session still starts one Ray cluster, and the tests sharing the
@@ -186,3 +187,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif "trained_runs" in names:
             item.add_marker(pytest.mark.xdist_group("trained_runs"))
+
+
