@@ -131,8 +131,11 @@ def test_the_report_from_json_files_on_disk(tmp_path):
                         {"variant": "cross_attention", "match_acc": {"mean": 0.30, "std": 0.01}}],
              "claims": {"hybrid_mae_change_vs_plain": 5.2 / 5.5 - 1, "cross_attention_match_acc_change_vs_dual_tower": -0.63},
              "settings": {"seeds": 3, "forecast_steps": 300, "fusion_steps": 200, "batch": 32, "threads": 1}}
-    deploy = {"train_steps": 60, "models": [{"name": "dense", "ratio_vs_fp32": {"int4": 6.1},
-                                             "val_ppl": {"fp32": 5.0, "int4": 5.2}}]}
+    # The deploy benchmark names each model by "arch": both rows must reach the report.
+    deploy = {"train_steps": 60, "models": [{"arch": "transformer", "ratio_vs_fp32": {"int4": 6.1},
+                                             "val_ppl": {"fp32": 5.0, "int4": 5.2}},
+                                            {"arch": "moe_transformer", "ratio_vs_fp32": {"int4": 6.7},
+                                             "val_ppl": {"fp32": 6.0, "int4": 6.1}}]}
     files = {"archs": archs_fixture({512: 1.1, 8192: 3.6}, 0.2), "tasks": tasks, "deploy": deploy, "seed": seed_fixture()}
     args = []
     for key, data in files.items():
@@ -143,6 +146,7 @@ def test_the_report_from_json_files_on_disk(tmp_path):
     text = out.read_text()
     assert text.count("\n## ") == len(C.CLAIMS) and "分层注意力架构可将内存占用降低40%" in text
     assert "| [rnn_hybrid_mae]" in text and "MAE -5.5%" in text and "**does not hold**" in text
+    assert "transformer 6.10x smaller than fp32, moe_transformer 6.70x smaller" in text
     assert (tmp_path / "docs" / "claims" / "claims_checkpointing.png").stat().st_size > 1000
     assert "](claims/claims_performer_time.png)" in text and "absent" in text
     (tmp_path / "bad.json").write_text("{")

@@ -200,15 +200,20 @@ def test_ray_job_stop_leaves_no_workers_and_a_resubmitted_job_resumes(ray_cluste
 
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     addr = ["--address", ray_cluster["dashboard"]]
-    overrides = debug_overrides(tiny_data, tmp_path, "stopped") + ["train.steps=60", "train.checkpoint_interval=5",
-                                                                    "train.eval_interval=1"]
+    overrides = debug_overrides(tiny_data, tmp_path, "stopped") + ["train.steps=30", "train.checkpoint_interval=5"]
     entry = ["python", "-m", "jobs.train", "--config", "debug"] + [a for o in overrides for a in ("--set", o)]
+    # The first job sleeps 0.5 s after each step while the pace file exists, so the stop reaches it
+    # mid-run; the file is gone before the second job, which runs at full speed.
+    pace = tmp_path / "pace"
+    pace.write_text("0.5")
+    paced = ["--runtime-env-json", json.dumps({"env_vars": {"RAYMOE_TEST_PACE_FILE": str(pace)}})]
 
     def ray_job(*args, timeout=120):
         return subprocess.run([ray_bin, "job", *args], capture_output=True, text=True, timeout=timeout,
                               env=ray_cluster["env"], cwd=REPO)
 
-    r = ray_job("submit", *addr, "--no-wait", "--submission-id", "raymoe-stop-1", "--working-dir", str(REPO), "--", *entry)
+    r = ray_job("submit", *addr, "--no-wait", "--submission-id", "raymoe-stop-1", "--working-dir", str(REPO), *paced,
+                "--", *entry)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     snapshot = tmp_path / "stopped" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 180
@@ -229,10 +234,11 @@ def test_ray_job_stop_leaves_no_workers_and_a_resubmitted_job_resumes(ray_cluste
         time.sleep(0.5)
     assert not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     stopped_at = max(step_losses(read_metrics(tmp_path / "stopped")))
-    assert stopped_at < 60
+    assert stopped_at < 30
+    pace.unlink()
 
     r = ray_job("submit", *addr, "--submission-id", "raymoe-stop-2", "--working-dir", str(REPO), "--", *entry, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     starts = [x for x in read_metrics(tmp_path / "stopped") if x.get("event") == "launch_start"]
     assert [s["resumed_from"] > 0 for s in starts] == [False, True]  # the second job resumed the run
-    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 60
+    assert json.loads((tmp_path / "stopped" / "summary.json").read_text())["steps"] == 30

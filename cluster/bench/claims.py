@@ -239,9 +239,10 @@ def cross_attention(inputs: dict, out_dir: Path) -> Result:
 
 def int4_size(inputs: dict, out_dir: Path) -> Result:
     rows = inputs["deploy"]["models"]
-    ratios = {r.get("name", r.get("model", "?")): r["ratio_vs_fp32"]["int4"] for r in rows}
+    name = lambda r: r.get("name") or r.get("model") or r.get("arch", "?")  # noqa: E731 - deploy JSON says "arch"
+    ratios = {name(r): r["ratio_vs_fp32"]["int4"] for r in rows}
     figure = "int4 file size: " + ", ".join(f"{k} {v:.2f}x smaller than fp32" for k, v in ratios.items())
-    ppl = {r.get("name", r.get("model", "?")): (r["val_ppl"]["fp32"], r["val_ppl"]["int4"]) for r in rows}
+    ppl = {name(r): (r["val_ppl"]["fp32"], r["val_ppl"]["int4"]) for r in rows}
     detail = ["validation perplexity fp32 -> int4: " + ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in ppl.items()),
               "8x is the ratio of the weights alone (32 bits -> 4); scales, and the norms, router gates and "
               "embedding kept in fp32, take the rest"]
