@@ -187,5 +187,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif "trained_runs" in names:
             item.add_marker(pytest.mark.xdist_group("trained_runs"))
-
-

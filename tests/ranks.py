@@ -19,26 +19,36 @@ import gc
 import multiprocessing as mp
 import os
 import queue
-import socket
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from datetime import timedelta
+
+from tests.conftest import free_port
 
 _CTX = mp.get_context("spawn")
 _SEED0 = 67280421310721  # torch's default generator seed in a new process
 TIMEOUT_S = 280.0  # under pytest-timeout's 300 s, so the pool is torn down cleanly first
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@contextmanager
+def _process_group(rank: int, world: int, port: int):
+    """A gloo group on 127.0.0.1:port for the body, torn down after it."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # Short timeout: when a collective fails on one rank the others would otherwise wait 30 min.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+    try:
+        yield
+    finally:
+        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
+        dist.destroy_process_group()
 
 
 def _serve(rank: int, inbox, results) -> None:
     import torch
-    import torch.distributed as dist
 
     env0 = dict(os.environ)
     while True:
@@ -47,20 +57,17 @@ def _serve(rank: int, inbox, results) -> None:
             return
         fn, world, port, args = task
         os.environ.clear()
-        os.environ.update(env0, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(env0)
         torch.manual_seed(_SEED0)
         torch.set_default_dtype(torch.float32)
         torch.set_num_threads(1)
         if "torch._dynamo" in sys.modules:
             torch._dynamo.reset()
         try:
-            # Short timeout: when a collective fails on one rank the others would otherwise wait 30 min.
-            dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
             try:
-                fn(rank, world, *args)
+                with _process_group(rank, world, port):
+                    fn(rank, world, *args)
             finally:
-                gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
-                dist.destroy_process_group()
                 _clear_distributed_caches()
             results.put((rank, None))
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
@@ -162,13 +169,7 @@ def run_fresh(fn, world: int, *args) -> None:
 
 def _fresh_entry(rank, fn, world, port, args):
     import torch
-    import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
     torch.set_num_threads(1)
-    try:
+    with _process_group(rank, world, port):
         fn(rank, world, *args)
-    finally:
-        gc.collect()
-        dist.destroy_process_group()

@@ -237,12 +237,16 @@ def cross_attention(inputs: dict, out_dir: Path) -> Result:
                   f"{s['seeds']} seeds, batch {s['batch']}; match among the 10 class captions")
 
 
+def _model_name(row: dict) -> str:
+    """A model row's name: `jobs.bench deploy` writes it as "arch"."""
+    return row.get("name") or row.get("model") or row.get("arch", "?")
+
+
 def int4_size(inputs: dict, out_dir: Path) -> Result:
     rows = inputs["deploy"]["models"]
-    name = lambda r: r.get("name") or r.get("model") or r.get("arch", "?")  # noqa: E731 - deploy JSON says "arch"
-    ratios = {name(r): r["ratio_vs_fp32"]["int4"] for r in rows}
+    ratios = {_model_name(r): r["ratio_vs_fp32"]["int4"] for r in rows}
     figure = "int4 file size: " + ", ".join(f"{k} {v:.2f}x smaller than fp32" for k, v in ratios.items())
-    ppl = {name(r): (r["val_ppl"]["fp32"], r["val_ppl"]["int4"]) for r in rows}
+    ppl = {_model_name(r): (r["val_ppl"]["fp32"], r["val_ppl"]["int4"]) for r in rows}
     detail = ["validation perplexity fp32 -> int4: " + ", ".join(f"{k} {a:.3f} -> {b:.3f}" for k, (a, b) in ppl.items()),
               "8x is the ratio of the weights alone (32 bits -> 4); scales, and the norms, router gates and "
               "embedding kept in fp32, take the rest"]
