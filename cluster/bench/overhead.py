@@ -4,9 +4,14 @@ The default job's model (built from its config) trained three ways on the same g
 (random tokens of the job's sequence length; AdamW, gradient clipping, the job's micro-batches):
   (a) a plain single-process torch loop, 2 threads;
   (b) a plain 2-process DDP script over gloo, 1 thread each (no Ray, no raymoe loop);
-  (c) `python -m jobs.train` on 2 Ray workers (a short run, no evaluation until the end).
+  (c) `python -m jobs.train` on 2 Ray workers (a short run, no evaluation until the end);
+  (d) with `--compile`: (c) with `train.compile=true` (regional torch.compile of each block).
 tokens/s over the steps after the first logging window (warm-up), and (c)'s per-phase
-breakdown from the loop's own host timers (`phase_s` in metrics.jsonl).
+breakdown from the loop's own host timers (`phase_s` in metrics.jsonl). All ways run with the
+caching malloc settings jobs.train gives its CPU workers (cluster/train/malloc.py), so the
+comparison is of the loops, not of the allocators. `--repeats N` runs the
+ways interleaved N times (a, b, c[, d], a, b, ...: the machine's drift hits each alike) and
+reports the median of each way's tokens/s and of each round's ratios.
 """
 from __future__ import annotations
 
@@ -91,10 +96,12 @@ def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmu
     dist.destroy_process_group()
 
 
-def _raymoe_run(config: str, steps: int, window: int, tmp: str) -> tuple[float, dict]:
-    """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run."""
+def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool = False) -> tuple[float, dict, dict]:
+    """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run, and
+    its loss per step."""
     name = "overhead"
     cmd = [sys.executable, "-m", "jobs.train", "--config", config, "--name", name,
+           "--set", f"train.compile={str(compile_).lower()}",
            "--set", f"train.steps={steps}", "--set", f"train.log_interval={window}",
            "--set", "train.eval_interval=0", "--set", "train.eval_sequences=8",
            "--set", f"train.checkpoint_interval={steps}", "--set", f"train.warmup_steps={min(steps, 20)}",
@@ -102,15 +109,55 @@ def _raymoe_run(config: str, steps: int, window: int, tmp: str) -> tuple[float, 
     subprocess.run(cmd, check=True)
     records = [json.loads(line) for line in Path(tmp, name, "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "phase_s" in r][-1]
-    return last["tokens_per_s"], last["phase_s"]
+    return last["tokens_per_s"], last["phase_s"], {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+WAYS = {"a": "plain_single_2threads", "b": "plain_ddp_gloo_2x1", "c": "jobs_train_2_workers",
+        "d": "jobs_train_2_workers_compiled"}
+
+
+def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, dict]:
+    """tokens/s of each way in `ways`, and (c)'s phase seconds."""
+    import torch.multiprocessing as mp
+
+    import archs
+    from cluster.bench.moe import _free_port
+
+    tok_s, phases, losses = {}, {}, {}
+    if "a" in ways:
+        print("[overhead] (a) plain single-process loop, 2 threads", file=sys.stderr, flush=True)
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        tok_s["a"] = tokens / _plain_loop(job, archs.build(job.model), args.steps, warmup)
+    if "b" in ways:
+        print("[overhead] (b) plain 2-process DDP over gloo, 1 thread each", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_ddp_worker, args=(2, _free_port(), args.config, args.steps, warmup, tmp), nprocs=2,
+                               start_method="spawn")
+            tok_s["b"] = tokens / max(json.loads(Path(tmp, f"rank{r}.json").read_text())["seconds"] for r in range(2))
+    for way, compiled in (("c", False), ("d", True)):
+        if way in ways:
+            print(f"[overhead] ({way}) jobs.train on 2 Ray workers{', train.compile=true' if compiled else ''}",
+                  file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                tok_s[way], ph, losses[way] = _raymoe_run(args.config, args.steps, args.window, tmp, compiled)
+            if way == "c":
+                phases = ph
+    if "d" in losses:  # the same seed, data and steps: compiled and eager must train alike
+        tok_s["d_loss_diff"] = max(abs(losses["d"][s] - losses["c"][s]) for s in losses["c"])
+    return tok_s, phases
 
 
 def main(argv=None, from_cli: bool = False) -> int:
+    import statistics
+
     p = argparse.ArgumentParser(prog="python -m jobs.bench overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="the job config whose model is trained (default: default)")
     p.add_argument("--steps", type=int, default=60, help="steps of each run (the first --window are warm-up)")
     p.add_argument("--window", type=int, default=20, help="steps per logging window; the last one is timed")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every way (medians reported)")
+    p.add_argument("--compile", action="store_true", help="also (d): jobs.train with train.compile=true")
     p.add_argument("--quick", action="store_true", help="20 steps, windows of 10 (a smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -118,39 +165,55 @@ def main(argv=None, from_cli: bool = False) -> int:
         args.steps, args.window = 20, 10
     if args.steps < 2 * args.window:
         p.error("--steps must be at least 2 x --window (one window of warm-up, one timed)")
-    import torch.multiprocessing as mp
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
+    if from_cli:  # (a) and (b) (children of this process) get the allocator the Ray workers of (c) get
+        from cluster.train import malloc
 
-    from cluster.bench.moe import _free_port
+        malloc.reexec_with_caching_malloc("jobs.bench")
 
     warmup = args.steps - args.window
     job, model = _setup(args.config)
     tokens = job.train.global_batch_size * job.data.seq_len
+    ways = "abcd" if args.compile else "abc"
     print(f"[overhead] {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-          f"{tokens} tokens/step, timing the last {args.window} of {args.steps} steps", file=sys.stderr)
-    torch.set_num_threads(2)
-    print("[overhead] (a) plain single-process loop, 2 threads", file=sys.stderr)
-    single = tokens / _plain_loop(job, model, args.steps, warmup)
-    print("[overhead] (b) plain 2-process DDP over gloo, 1 thread each", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ddp_worker, args=(2, _free_port(), args.config, args.steps, warmup, tmp), nprocs=2,
-                           start_method="spawn")
-        ddp = tokens / max(json.loads(Path(tmp, f"rank{r}.json").read_text())["seconds"] for r in range(2))
-    print("[overhead] (c) jobs.train on 2 Ray workers", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        ray_tok_s, phases = _raymoe_run(args.config, args.steps, args.window, tmp)
-    rows = [("plain_single_2threads", single), ("plain_ddp_gloo_2x1", ddp), ("jobs_train_2_workers", ray_tok_s)]
-    print(f"\n{'run':24s} {'tokens/s':>10s} {'vs (a)':>7s} {'vs (b)':>7s}")
-    for name, tok_s in rows:
-        print(f"{name:24s} {tok_s:10.0f} {tok_s / single:6.2f}x {tok_s / ddp:6.2f}x")
-    step_s = tokens / ray_tok_s
-    print(f"\n(c) per phase, mean seconds per step (host timers; {step_s * 1e3:.0f} ms/step in all):")
+          f"{tokens} tokens/step, timing the last {args.window} of {args.steps} steps, "
+          f"{args.repeats} interleaved round(s) of ({', '.join(ways)})", file=sys.stderr)
+    del model
+    rounds, phase_rounds = [], []
+    for i in range(args.repeats):
+        tok_s, phases = _one_round(args, job, tokens, warmup, ways)
+        rounds.append(tok_s)
+        phase_rounds.append(phases)
+        print(f"[overhead] round {i + 1}/{args.repeats}: " + ", ".join(f"({w}) {tok_s[w]:.0f}" for w in ways)
+              + f" tok/s; (c)/(a) {tok_s['c'] / tok_s['a']:.3f}x, (c)/(b) {tok_s['c'] / tok_s['b']:.3f}x",
+              file=sys.stderr, flush=True)
+    median = {w: statistics.median(r[w] for r in rounds) for w in ways}
+    ratios = {f"{w}/{ref}": statistics.median(r[w] / r[ref] for r in rounds)
+              for w in ways if w in "cd" for ref in "ab"}
+    if "d" in ways:
+        ratios["d/c"] = statistics.median(r["d"] / r["c"] for r in rounds)
+        print(f"(d) against (c), largest per-step loss difference over {args.steps} steps: "
+              f"{max(r['d_loss_diff'] for r in rounds):.1e} (inductor-compiled blocks vs eager)")
+    phases = {k: statistics.median(ph[k] for ph in phase_rounds) for k in phase_rounds[0]}
+    spread = (f", range over {args.repeats} rounds in brackets" if args.repeats > 1 else "")
+    print(f"\n{'run':30s} {'tokens/s':>10s}   (median{spread})")
+    for w in ways:
+        lo, hi = min(r[w] for r in rounds), max(r[w] for r in rounds)
+        print(f"({w}) {WAYS[w]:26s} {median[w]:10.0f}" + (f"   [{lo:.0f} - {hi:.0f}]" if args.repeats > 1 else ""))
+    print("\nratios (median of the rounds' ratios): " + ", ".join(f"({k}) {v:.3f}x" for k, v in ratios.items()))
+    step_s = tokens / median["c"]
+    print(f"\n(c) per phase, median seconds per step (host timers; {step_s * 1e3:.0f} ms/step in all):")
     for name in PHASES:
         if name in phases:
             print(f"  {name:18s} {phases[name] * 1e3:8.1f} ms  {100 * phases[name] / step_s:5.1f}%")
     print("  (DDP's all-reduce runs inside forward_backward: it overlaps the backward)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"tokens_per_s": dict(rows), "phase_s": phases, "steps": args.steps,
-                                        "window": args.window, "config": args.config}, indent=1))
+        args.out.write_text(json.dumps({
+            "tokens_per_s": {WAYS[w]: median[w] for w in ways}, "ratios": ratios, "phase_s": phases,
+            "rounds": [{WAYS[w]: r[w] for w in ways} for r in rounds], "steps": args.steps, "window": args.window,
+            "compiled_vs_eager_loss_diff": max((r["d_loss_diff"] for r in rounds if "d_loss_diff" in r), default=None),
+            "repeats": args.repeats, "config": args.config}, indent=1))
         print(f"wrote {args.out}")
     return 0
