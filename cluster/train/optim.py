@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
@@ -15,7 +16,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
             continue
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    # The fused kernel (CPU and CUDA) updates every tensor in one pass over its four buffers; the
+    # foreach one makes a pass per operation: 4x slower on CPU (moe_small: 41 -> 10 ms a step).
+    # Sharded parameters (TP, FSDP: DTensors, under TP beside plain replicated ones) keep foreach:
+    # the fused op refuses a group that mixes the two.
+    fused = not any(isinstance(p, DTensor) for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {"foreach": True}))
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
