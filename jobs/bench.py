@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--ep-chunks", type=int, nargs="+", default=[1, 4],
                    help="ep: the parallel.ep_overlap_chunks values to time (1 = one exchange, no overlap)")
     p.add_argument("--breakdown", action="store_true", help="profile and show where the time goes")
+    p.add_argument("--compile", action="store_true",
+                   help="moe: also time each backend with its SwiGLU compiled (what train.compile does to MoE layers)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default malloc (see cluster/train/malloc.py; default: the caching settings)")

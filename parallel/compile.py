@@ -5,7 +5,9 @@ block once and reuses it (guards permitting) instead of tracing the whole model.
 compiles in place, so parameter names and `state_dict` keys stay what they were. An MoE layer stays
 eager: its row counts per expert are data-dependent (they size the GEMMs and, under expert
 parallelism, the exchange buffers after a host sync), which would recompile or break the graph
-every step; the rest of its block (norms, attention) is compiled.
+every step; the rest of its block (norms, attention) is compiled, and so is the SwiGLU between
+its experts' two grouped GEMMs (`GroupedExperts.compile_activation`: elementwise only, with
+dynamic row counts, so one graph serves every routing).
 """
 from __future__ import annotations
 
@@ -30,4 +32,6 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
         for child in block.children():
             if not moe_layers(child):
                 child.compile(backend=backend)
+        for layer in moe_layers(block):
+            layer.experts.compile_activation(backend)
     return model
