@@ -47,8 +47,8 @@ class TrainConfig:
     grad_clip: Annotated[float | None, "clip the global gradient norm to this; null = off"] = 1.0
     precision: Annotated[Literal["fp32", "bf16", "fp16"], "autocast dtype; fp16 uses dynamic loss scaling and needs GPUs"] = "fp32"
     activation_checkpointing: Annotated[bool, "recompute each block's activations in backward"] = False
-    compile: Annotated[bool, "torch.compile each block (regional; MoE layers stay eager); the first steps pay "
-                             "the compile time"] = False
+    compile: Annotated[bool, "torch.compile each block (regional; MoE layers stay eager but for their experts' "
+                             "SwiGLU); the first steps pay the compile time"] = False
     eval_interval: Annotated[int, "validate every this many steps (and at the start and end); 0 = only at the end"] = 50
     eval_sequences: Annotated[int, "validation sequences per evaluation"] = 64
     log_interval: Annotated[int, "progress line and metrics every this many steps"] = 10
