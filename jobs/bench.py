@@ -4,9 +4,11 @@
   python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the layer alone on a GPU, pure bf16
   python -m jobs.bench gpu --out DIR             # the prepared GPU check, one GPU, no Ray (cluster/bench/gpu.py)
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
+  python -m jobs.bench moe --compile             # also each backend with its SwiGLU compiled (what train.compile does)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
   python -m jobs.bench overhead --quick          # jobs.train vs plain torch loops, per-phase breakdown (cluster/bench/overhead.py)
+  python -m jobs.bench overhead --repeats 3 --compile   # interleaved rounds, medians, and train.compile as (d)
   python -m jobs.bench metrics                   # step time of the moe_small model with and without metrics
   python -m jobs.bench archs [--quick]           # the architecture families side by side (cluster/bench/archs.py)
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (cluster/bench/parallel.py)
