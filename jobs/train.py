@@ -24,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override one config value (repeatable), e.g. --set train.steps=50")
     p.add_argument("--name", help="run name (same as --set cluster.run_name=NAME); an existing run resumes")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help (model.*: the family of --config)")
     return p.parse_args(argv)
 
 
@@ -32,8 +32,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.help_config:
         from cluster.config.job import JobConfig
-        print("\n".join(describe(JobConfig)))
-        print("model.*: see the model family's fields: python -m jobs.train --print-config")
+        try:  # the model section's keys are its family's: the family of --config (and --set model.arch)
+            model = load_config(args.config, args.overrides).model
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(line for line in describe(JobConfig) if not line.startswith("model:")))
+        print(f"# model.*: the fields of the {model.arch!r} family (from --config {args.config}; "
+              "another family: --config NAME or --set model.arch=NAME)")
+        print("\n".join(describe(type(model), "model.")))
         return 0
     overrides = args.overrides + ([f"cluster.run_name={args.name}"] if args.name else [])
     try:

@@ -24,6 +24,15 @@ def test_train_help_config_lists_every_section():
         assert key in r.stdout
 
 
+def test_train_help_config_lists_the_model_family_of_the_config_with_its_moe_keys():
+    r = run("jobs.train", "--config", "moe_small", "--help-config")
+    assert r.returncode == 0, r.stderr
+    lines = {line.split(":")[0]: line for line in r.stdout.splitlines() if not line.startswith("#")}
+    assert "model.d_model" in lines and "model.moe.top_k" in lines
+    # the look-ahead of capacity dropping is said where a user sets it (issue 15, defect 2)
+    assert "later tokens" in lines["model.moe.drop_policy"] and "later tokens" in lines["model.moe.capacity_factor"]
+
+
 def test_generate_on_missing_run_is_a_clear_error(tmp_path):
     r = run("jobs.generate", str(tmp_path / "nope"))
     assert r.returncode == 2 and "run directory" in r.stderr and "does not exist" in r.stderr

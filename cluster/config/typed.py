@@ -199,5 +199,12 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+        optional = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] \
+            if typing.get_origin(tp) in (Union, types.UnionType) else []
+        if len(optional) == 1:  # an optional section (e.g. model.moe): the line, then its own keys
+            lines.append(f"{name}: {optional[0].__name__} | null = "
+                         f"{'null' if default is None else 'set (defaults below)'}  # {text}")
+            lines += describe(optional[0], name + ".")
+            continue
         lines.append(f"{name}: {_type_name(tp)} = {default!r}  # {text}")
     return lines
