@@ -55,7 +55,7 @@ def test_tp2_x_pp2_moe_with_capacity_equals_single_process(tmp_path):
 
 @pytest.mark.multiproc
 def test_pp2_interleaved_1f1b_moe_equals_single_process(tmp_path):
-    # 4 stages on 2 ranks (layers 0 | 1 | 2 | 3), MoE on layers 1 and 3: both on rank 1
+    # 4 stages on 2 ranks (layers 0 | 1 | 2 | 3, looped: rank 0 holds 0 and 2), MoE on layers 1 and 2: one on each rank
     cfg = moe_cfg(moe_layers=[1, 2], n_layers=4, moe={**CAPACITY, "aux_loss_coeff": 0.1})
     check_layout(tmp_path, 2, cfg, {"pp": 2, "schedule": "interleaved_1f1b"}, micro=2,
                  grad_keys=("layers.1.mlp.router.gate.weight", "layers.2.mlp.experts.w2", "layers.3.attn.wq.weight"))
