@@ -95,17 +95,14 @@ def _compiled_vs_eager(shape: dict, backend: str, x: torch.Tensor, compiled: MoE
     (same weights); also the first, compiling call."""
     eager = build_moe(shape, backend, x.device, x.dtype)
     eager.load_state_dict(compiled.state_dict())
-    diffs = []
-    outs = []
+    results = []
     for layer in (eager, compiled):
         xi = x.detach().clone().requires_grad_(True)
         y = layer(xi)
         y.float().square().mean().backward()
-        outs.append((y.detach(), xi.grad))
-    for a, b in zip(*outs):
-        diffs.append(float((a - b).abs().max()))
+        results.append((y.detach(), xi.grad))
     compiled.zero_grad(set_to_none=True)
-    return max(diffs)
+    return max(float((a - b).abs().max()) for a, b in zip(*results))
 
 
 def breakdown(args) -> None:
