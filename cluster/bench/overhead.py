@@ -5,7 +5,10 @@ The default job's model (built from its config) trained three ways on the same g
   (a) a plain single-process torch loop, 2 threads;
   (b) a plain 2-process DDP script over gloo, 1 thread each (no Ray, no raymoe loop);
   (c) `python -m jobs.train` on 2 Ray workers (a short run, no evaluation until the end);
-  (d) with `--compile`: (c) with `train.compile=true` (regional torch.compile of each block).
+  (d) with `--compile`: (c) with `train.compile=true` (regional torch.compile of each block);
+  (e) with `--ray-plain`: (b)'s plain loop and DDP inside 2 Ray Train workers (a fresh embedded
+      Ray, TorchTrainer, gloo, 1 thread each; no raymoe loop): (c) against (e) is raymoe's loop,
+      (e) against (b) is what Ray's own processes cost on the same cores.
 tokens/s over the steps after the first logging window (warm-up), and (c)'s per-phase
 breakdown from the loop's own host timers (`phase_s` in metrics.jsonl). All ways run with the
 caching malloc settings jobs.train gives its CPU workers (cluster/train/malloc.py), so the
@@ -96,6 +99,38 @@ def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmu
     dist.destroy_process_group()
 
 
+def _ray_plain_ddp(config: str, steps: int, warmup: int, out: str) -> None:
+    """(e): seconds per step of (b)'s plain DDP loop run by 2 Ray Train workers, in a fresh
+    embedded Ray started by this (child) process, the workers' environment as jobs.train gives it;
+    rank 0 writes them to `out` (one node: a local path)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.train.malloc import CACHING_MALLOC_ENV
+
+    def loop(cfg):
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        job, model = _setup(cfg["config"])
+        sec = _plain_loop(job, DistributedDataParallel(model), cfg["steps"], cfg["warmup"],
+                          dist.get_rank(), dist.get_world_size())
+        if dist.get_rank() == 0:  # DDP keeps the ranks in step
+            Path(cfg["out"]).write_text(json.dumps({"seconds": sec}))
+
+    ray.init(num_cpus=2, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(CACHING_MALLOC_ENV)})
+    with tempfile.TemporaryDirectory() as tmp:
+        TorchTrainer(loop, train_loop_config={"config": config, "steps": steps, "warmup": warmup, "out": out},
+                     torch_config=TorchConfig(backend="gloo"),
+                     scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                     run_config=RunConfig(name="ray_plain", storage_path=tmp)).fit()
+    ray.shutdown()
+
+
 def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool = False) -> tuple[float, dict, dict]:
     """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run, and
     its loss per step."""
@@ -113,7 +148,7 @@ def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool =
 
 
 WAYS = {"a": "plain_single_2threads", "b": "plain_ddp_gloo_2x1", "c": "jobs_train_2_workers",
-        "d": "jobs_train_2_workers_compiled"}
+        "d": "jobs_train_2_workers_compiled", "e": "plain_ddp_in_ray_train_2x1"}
 
 
 def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, dict, dict]:
@@ -144,6 +179,14 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
                 tok_s[way], ph, losses[way] = _raymoe_run(args.config, args.steps, args.window, tmp, compiled)
             if way == "c":
                 phases = ph
+    if "e" in ways:
+        print("[overhead] (e) the plain DDP loop in 2 Ray Train workers", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:  # a child process: its own embedded Ray, shut down after
+            out = Path(tmp, "e.json")
+            subprocess.run([sys.executable, "-c", "import sys; from cluster.bench.overhead import _ray_plain_ddp; "
+                            "_ray_plain_ddp(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])",
+                            args.config, str(args.steps), str(warmup), str(out)], check=True)
+            tok_s["e"] = tokens / json.loads(out.read_text())["seconds"]
     if "d" in losses:  # the same seed, data and steps: compiled and eager must train alike
         diff = {s: abs(losses["d"][s] - losses["c"][s]) for s in losses["c"]}
         loss_diff = {"10": max(v for s, v in diff.items() if s <= 10), "all": max(diff.values())}
@@ -160,6 +203,8 @@ def main(argv=None, from_cli: bool = False) -> int:
     p.add_argument("--window", type=int, default=20, help="steps per logging window; the last one is timed")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of every way (medians reported)")
     p.add_argument("--compile", action="store_true", help="also (d): jobs.train with train.compile=true")
+    p.add_argument("--ray-plain", action="store_true",
+                   help="also (e): the plain DDP loop of (b) inside 2 Ray Train workers (what Ray itself costs)")
     p.add_argument("--quick", action="store_true", help="20 steps, windows of 10 (a smoke run)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -177,7 +222,7 @@ def main(argv=None, from_cli: bool = False) -> int:
     warmup = args.steps - args.window
     job, model = _setup(args.config)
     tokens = job.train.global_batch_size * job.data.seq_len
-    ways = "abcd" if args.compile else "abc"
+    ways = "abc" + ("d" if args.compile else "") + ("e" if args.ray_plain else "")
     print(f"[overhead] {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
           f"{tokens} tokens/step, timing the last {args.window} of {args.steps} steps, "
           f"{args.repeats} interleaved round(s) of ({', '.join(ways)})", file=sys.stderr)
@@ -194,6 +239,8 @@ def main(argv=None, from_cli: bool = False) -> int:
     median = {w: statistics.median(r[w] for r in rounds) for w in ways}
     ratios = {f"{w}/{ref}": statistics.median(r[w] / r[ref] for r in rounds)
               for w in ways if w in "cd" for ref in "ab"}
+    if "e" in ways:  # (c)/(e): raymoe's loop against the same plain loop on Ray; (e)/(b): Ray's processes
+        ratios.update({k: statistics.median(r[k[0]] / r[k[2]] for r in rounds) for k in ("c/e", "e/b")})
     if "d" in ways:
         ratios["d/c"] = statistics.median(r["d"] / r["c"] for r in rounds)
         print(f"(d) against (c), largest per-step loss difference over the first 10 steps: "
