@@ -4,11 +4,13 @@
   python -m jobs.bench moe --device cuda --dtype bf16 --out gpu.json   # the layer alone on a GPU, pure bf16
   python -m jobs.bench gpu --out DIR             # the prepared GPU check, one GPU, no Ray (cluster/bench/gpu.py)
   python -m jobs.bench moe --breakdown           # where the time goes (router, permutation, matmul, combine)
+  python -m jobs.bench moe --pieces              # the same by wall clock: each piece's fwd+bwd timed apart, and dense's
   python -m jobs.bench moe --compile             # also each backend with its SwiGLU compiled (what train.compile does)
   python -m jobs.bench kernels                   # grouped_mm alone, every backend vs one dense matmul
   python -m jobs.bench ep                        # MoE layer with EP=2 on 2 gloo workers vs one process
   python -m jobs.bench overhead --quick          # jobs.train vs plain torch loops, per-phase breakdown (cluster/bench/overhead.py)
   python -m jobs.bench overhead --repeats 3 --compile   # interleaved rounds, medians, and train.compile as (d)
+  python -m jobs.bench overhead --ray-plain      # also (e): the plain DDP loop inside Ray Train workers (Ray's own cost)
   python -m jobs.bench metrics                   # step time of the moe_small model with and without metrics
   python -m jobs.bench archs [--quick]           # the architecture families side by side (cluster/bench/archs.py)
   python -m jobs.bench parallel                  # every 2-rank layout (dp, ep, tp, pp) of the small models (cluster/bench/parallel.py)
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench.moe import DTYPES, SHAPES, bench_ep, bench_kernels, bench_metrics, bench_moe, breakdown
+from cluster.bench.moe import DTYPES, SHAPES, bench_ep, bench_kernels, bench_metrics, bench_moe, breakdown, pieces
 from cluster.train import malloc
 
 
@@ -42,6 +44,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         print(f"{r['shape']:22s} {r['backend']:20s} {r['seconds'] * 1e3:8.1f} {r['tokens_per_s']:10.0f} "
               f"{r['gflops']:8.1f} {r['ratio_to_dense']:8.2f}")
+    if any("ratio_range" in r for r in results):
+        print("vs dense: the median of the interleaved rounds' ratios (each round times dense and every backend once)")
 
 
 SUBCOMMANDS = {"archs": "cluster.bench.archs", "parallel": "cluster.bench.parallel", "deploy": "cluster.bench.deploy",
@@ -70,6 +74,9 @@ def main(argv=None) -> int:
     p.add_argument("--ep-chunks", type=int, nargs="+", default=[1, 4],
                    help="ep: the parallel.ep_overlap_chunks values to time (1 = one exchange, no overlap)")
     p.add_argument("--breakdown", action="store_true", help="profile and show where the time goes")
+    p.add_argument("--pieces", action="store_true",
+                   help="moe: time each piece of the layer (router, permutation, GEMMs, SwiGLU, combine) and of "
+                        "the dense SwiGLU apart, by wall clock")
     p.add_argument("--compile", action="store_true",
                    help="moe: also time each backend with its SwiGLU compiled (what train.compile does to MoE layers)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -82,6 +89,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.breakdown:
         breakdown(args)
+        return 0
+    if args.pieces:
+        results = pieces(args)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"meta": {"device": args.device, "dtype": args.dtype,
+                                                     "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                                     "caching_malloc": malloc.active()}, "results": results}, indent=1))
+            print(f"wrote {args.out}")
         return 0
     threads = 1 if args.what == "ep" else torch.get_num_threads()
     print(f"{args.what} forward+backward, {args.device} {args.dtype}, {threads} thread(s) per process, "

@@ -56,6 +56,9 @@ def build_moe(shape: dict, backend: str, device, dtype) -> MoELayer:
 
 
 def bench_moe(args) -> list[dict]:
+    """Every variant and the dense layer timed in interleaved rounds (dense, v1, v2, ..., dense,
+    v1, ...: one fwd+bwd each per round), so the machine's drift hits all alike; the median
+    seconds of each and the median of the rounds' ratios to dense."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     backends = args.backends or available_backends(device, dtype)
     results = []
@@ -64,10 +67,8 @@ def bench_moe(args) -> list[dict]:
         torch.manual_seed(0)
         x = torch.randn(1, shape["tokens"], shape["d_model"], device=device, dtype=dtype, requires_grad=True)
         dense = SwiGLU(shape["d_model"], shape["top_k"] * shape["expert_hidden"]).to(device=device, dtype=dtype)
-        dense_s = time_fwd_bwd(dense, x, args.repeats, args.warmup)
         flops = 3 * 2 * 3 * shape["tokens"] * shape["d_model"] * shape["top_k"] * shape["expert_hidden"]
-        results.append(dict(shape=name, backend="dense", seconds=dense_s, tokens_per_s=shape["tokens"] / dense_s,
-                            gflops=flops / dense_s / 1e9, ratio_to_dense=1.0, **shape))
+        modules, extras = {"dense": dense}, {"dense": {}}
         variants = [(b, False) for b in backends] + ([(b, True) for b in backends] if getattr(args, "compile", False) else [])
         for backend, compiled in variants:
             label = backend + ("+compiled-act" if compiled else "")
@@ -75,16 +76,30 @@ def bench_moe(args) -> list[dict]:
                 layer = build_moe(shape, backend, device, dtype)
                 if compiled:
                     layer.experts.compile_activation()
-                    extra = {"max_diff_vs_eager": _compiled_vs_eager(shape, backend, x, layer)}
+                    extras[label] = {"max_diff_vs_eager": _compiled_vs_eager(shape, backend, x, layer)}
                 else:
-                    extra = {}
-                s = time_fwd_bwd(layer, x, args.repeats, args.warmup)
+                    extras[label] = {}
+                time_fwd_bwd(layer, x, 1, args.warmup)  # warm-up (and a backend that cannot run fails here)
             except (BackendUnavailable, ValueError, RuntimeError) as e:
                 print(f"  {name:7s} {label:12s} skipped: {e}", file=sys.stderr)
+                extras.pop(label, None)
                 continue
+            modules[label] = layer
+        time_fwd_bwd(dense, x, 1, args.warmup)
+        times = {label: [] for label in modules}
+        for _ in range(args.repeats):
+            for label, module in modules.items():
+                times[label].append(time_fwd_bwd(module, x, 1, 0))
+        for label in modules:
+            s = statistics.median(times[label])
+            ratio = statistics.median(d / t for d, t in zip(times["dense"], times[label]))
             results.append(dict(shape=name, backend=label, seconds=s, tokens_per_s=shape["tokens"] / s,
-                                gflops=flops / s / 1e9, ratio_to_dense=dense_s / s, **shape, **extra))
-            print(f"  {name:7s} {label:12s} {s * 1e3:8.1f} ms"
+                                gflops=flops / s / 1e9, ratio_to_dense=ratio,
+                                ratio_range=[min(d / t for d, t in zip(times["dense"], times[label])),
+                                             max(d / t for d, t in zip(times["dense"], times[label]))],
+                                **shape, **extras[label]))
+            extra = extras[label]
+            print(f"  {name:7s} {label:24s} {s * 1e3:8.1f} ms, {ratio:.2f}x dense"
                   + (f" (output and input gradient within {extra['max_diff_vs_eager']:.1e} of eager)" if extra else ""),
                   file=sys.stderr, flush=True)
     return results
@@ -129,6 +144,100 @@ def breakdown(args) -> None:
         for stage, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
             print(f"  {stage:22s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def _time(fn, repeats: int, warmup: int, device) -> float:
+    """Median wall seconds of fn() (which runs a forward and its backward)."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pieces(args) -> list[dict]:
+    """Wall-clock forward+backward of each piece of the MoE layer timed apart, on the inputs the
+    layer gives it, beside the dense SwiGLU's own pieces: where the layer loses against dense
+    (the profiler's per-op self times inflate small elementwise ops several-fold on this CPU).
+    Each piece's backward gets a fixed random output gradient (no extra reduction timed)."""
+    from kernels import grouped_mm
+    from moe.dispatcher import keep_order, sum_by_token
+    from moe.experts import swiglu, swiglu_ops
+    from moe.losses import router_losses
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    reps, warm = args.repeats, args.warmup
+    results = []
+    for name in args.shapes:
+        sh = SHAPES[name]
+        N, C, E, K, F = sh["tokens"], sh["d_model"], sh["num_experts"], sh["top_k"], sh["expert_hidden"]
+        torch.manual_seed(0)
+        layer = build_moe(sh, (args.backends or ["auto"])[0], device, dtype)
+        backend = layer.experts.choice(device, dtype).backend
+        x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+        dense = SwiGLU(C, K * F).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            routing = layer.router(x)
+            order, sizes = keep_order(routing, None, "score")
+            token_M, weight_M = routing.token_A[order], routing.weight_A[order]
+        M = token_M.numel()
+        xm = torch.randn(M, C, device=device, dtype=dtype, requires_grad=True)
+        h = torch.randn(M, 2 * F, device=device, dtype=dtype, requires_grad=True)
+        a = torch.randn(M, F, device=device, dtype=dtype, requires_grad=True)
+        w = weight_M.clone().requires_grad_(True)
+        y = torch.randn(M, C, device=device, dtype=dtype, requires_grad=True)
+        hd = torch.randn(N, 2 * K * F, device=device, dtype=dtype, requires_grad=True)
+        ad = torch.randn(N, K * F, device=device, dtype=dtype, requires_grad=True)
+        g = {shape: torch.randn(shape, device=device, dtype=dtype) for shape in
+             ((N, C), (M, C), (M, 2 * F), (M, F), (N, K * F), (N, 2 * K * F))}
+
+        def router():
+            r = layer.router(x)
+            losses = router_losses(r, layer.cfg, N)
+            torch.autograd.backward([r.weight_A, losses["total"]], [torch.ones_like(r.weight_A), torch.ones_like(losses["total"])])
+
+        compiled = torch.compile(swiglu_ops, dynamic=True)
+        moe_pieces = {
+            "router (gate, softmax, top-k, counts, balancing losses)": router,
+            "permutation (sort, index_select of k copies; backward index_add)":
+                lambda: (x.index_select(0, routing.token_A[keep_order(routing, None, "score")[0]])).backward(g[(M, C)]),
+            "grouped GEMM x -> [gate|up] (6 of the 3 x 2 FLOPs: 2/3)":
+                lambda: grouped_mm(xm, layer.experts.w13, sizes, backend).backward(g[(M, 2 * F)]),
+            "SwiGLU with the routing weight, eager": lambda: swiglu(h, w).backward(g[(M, F)]),
+            "SwiGLU with the routing weight, compiled": lambda: compiled(h, w).backward(g[(M, F)]),
+            "grouped GEMM hidden -> out (1/3)": lambda: grouped_mm(a, layer.experts.w2, sizes, backend).backward(g[(M, C)]),
+            "combine (index_add by token; backward index_select)": lambda: sum_by_token(y, token_M, N, dtype).backward(g[(N, C)]),
+        }
+        dense_pieces = {
+            "dense GEMMs x -> [w1|w3] (2/3)": lambda: torch.cat([dense.w1(x), dense.w3(x)], 1).backward(g[(N, 2 * K * F)]),
+            "dense SwiGLU (silu * up), eager": lambda: swiglu(hd).backward(g[(N, K * F)]),
+            "dense GEMM hidden -> out (1/3)": lambda: dense.w2(ad).backward(g[(N, C)]),
+        }
+        whole = {"MoE layer, whole (eager)": lambda: layer(x[None]).backward(g[(N, C)][None]),
+                 "dense SwiGLU, whole": lambda: dense(x).backward(g[(N, C)])}
+        print(f"\n{name}: {N} tokens, d {C}, E {E}, k {K}, F {F}, backend {backend}, {M} token copies; "
+              f"fwd+bwd wall ms, median of {reps}", flush=True)
+        row = {}
+        for label, fn in {**whole, **moe_pieces, **dense_pieces}.items():
+            for t in (x, xm, h, a, w, y, hd, ad):
+                t.grad = None
+            layer.zero_grad(set_to_none=True)
+            dense.zero_grad(set_to_none=True)
+            row[label] = _time(fn, reps, warm, device)
+            print(f"  {label:70s} {row[label] * 1e3:8.1f}", flush=True)
+        moe_sum = sum(v for k, v in row.items() if k in moe_pieces and "compiled" not in k)
+        floor = sum(v for k, v in row.items() if k in moe_pieces and ("GEMM" in k or "permutation" in k or "combine" in k))
+        dense_whole = row["dense SwiGLU, whole"]
+        print(f"  sum of the MoE pieces (eager SwiGLU) {moe_sum * 1e3:.1f} ms; GEMMs + permutation + combine alone "
+              f"{floor * 1e3:.1f} ms = {dense_whole / floor:.2f}x dense's whole layer ({dense_whole * 1e3:.1f} ms): "
+              "no routing or activation cost could lift the layer above that", flush=True)
+        results.append(dict(shape=name, backend=backend, pieces_s=row, moe_pieces_sum_s=moe_sum,
+                            gemm_permute_combine_s=floor, dense_s=dense_whole, ceiling_ratio=dense_whole / floor, **sh))
+    return results
 
 
 EP_SHAPE = dict(tokens=8192, d_model=512, num_experts=8, top_k=2, expert_hidden=1024)
