@@ -515,7 +515,7 @@ def main(argv=None, from_cli: bool = False) -> int:
     p.add_argument("--out", default=None, help="--measure: the JSON (default bench_results/claims_cpu.json); "
                                                 "else the report (default docs/claims.md; PNGs go to its claims/ folder)")
     for key, path in DEFAULT_INPUTS.items():
-        p.add_argument(f"--{key}", default=path, help=f"input JSON (default: %(default)s)")
+        p.add_argument(f"--{key}", default=path, help="input JSON (default: %(default)s)")
     args = p.parse_args(argv)
     if args.measure:
         from cluster.bench.seed_claims import measure
