@@ -131,9 +131,34 @@ def _ray_plain_ddp(config: str, steps: int, warmup: int, out: str) -> None:
     ray.shutdown()
 
 
-def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool = False) -> tuple[float, dict, dict]:
-    """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run, and
-    its loss per step."""
+def _cpu_snapshot() -> tuple[float, dict]:
+    """(time, {pid: (label, cpu seconds)}) of every process this user can read."""
+    import psutil
+
+    procs = {}
+    for q in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        try:
+            ct = q.info["cpu_times"]
+            procs[q.info["pid"]] = ((" ".join(q.info["cmdline"] or []) or q.info["name"] or "?")[:60].strip(), ct.user + ct.system)
+        except Exception:  # noqa: BLE001 - a process that ended or hides its times
+            continue
+    return time.time(), procs
+
+
+def _cpu_shares(a: tuple[float, dict], b: tuple[float, dict]) -> dict:
+    """CPU used between two snapshots, in cores: the Train workers, everything else, the top others."""
+    dt = b[0] - a[0]
+    used = [(cpu - a[1][pid][1], label) for pid, (label, cpu) in b[1].items() if pid in a[1]]
+    workers = sum(u for u, label in used if "RayTrainWorker" in label)
+    others = sorted(((u, label) for u, label in used if "RayTrainWorker" not in label and u > 0), reverse=True)
+    return {"window_s": dt, "workers_cores": workers / dt, "others_cores": sum(u for u, _ in others) / dt,
+            "top_others": [(label, u / dt) for u, label in others[:8]]}
+
+
+def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool = False) -> tuple[float, dict, dict, dict]:
+    """tokens/s and mean phase seconds of the last logging window of a short `jobs.train` run, its
+    loss per step, and the CPU each process used over that window (snapshots taken when the
+    window's metrics line appears, polled every 0.5 s: nothing sampled during the window)."""
     name = "overhead"
     cmd = [sys.executable, "-m", "jobs.train", "--config", config, "--name", name,
            "--set", f"train.compile={str(compile_).lower()}",
@@ -141,10 +166,22 @@ def _raymoe_run(config: str, steps: int, window: int, tmp: str, compile_: bool =
            "--set", "train.eval_interval=0", "--set", "train.eval_sequences=8",
            "--set", f"train.checkpoint_interval={steps}", "--set", f"train.warmup_steps={min(steps, 20)}",
            "--set", f"cluster.storage_path={tmp}"]
-    subprocess.run(cmd, check=True)
-    records = [json.loads(line) for line in Path(tmp, name, "metrics.jsonl").read_text().splitlines()]
+    proc = subprocess.Popen(cmd)
+    metrics, snaps = Path(tmp, name, "metrics.jsonl"), {}
+    while proc.poll() is None:
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                r = json.loads(line) if line.strip() else {}
+                if "phase_s" in r and r["step"] not in snaps:
+                    snaps[r["step"]] = _cpu_snapshot()
+        time.sleep(0.5)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     last = [r for r in records if "phase_s" in r][-1]
-    return last["tokens_per_s"], last["phase_s"], {r["step"]: r["loss"] for r in records if "loss" in r}
+    marks = sorted(snaps)
+    shares = _cpu_shares(snaps[marks[-2]], snaps[marks[-1]]) if len(marks) >= 2 else {}
+    return last["tokens_per_s"], last["phase_s"], {r["step"]: r["loss"] for r in records if "loss" in r}, shares
 
 
 WAYS = {"a": "plain_single_2threads", "b": "plain_ddp_gloo_2x1", "c": "jobs_train_2_workers",
@@ -159,7 +196,7 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
     import archs
     from cluster.bench.moe import _free_port
 
-    tok_s, phases, losses, loss_diff = {}, {}, {}, {}
+    tok_s, phases, losses, loss_diff, shares = {}, {}, {}, {}, {}
     if "a" in ways:
         print("[overhead] (a) plain single-process loop, 2 threads", file=sys.stderr, flush=True)
         torch.set_num_threads(2)
@@ -176,9 +213,9 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
             print(f"[overhead] ({way}) jobs.train on 2 Ray workers{', train.compile=true' if compiled else ''}",
                   file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                tok_s[way], ph, losses[way] = _raymoe_run(args.config, args.steps, args.window, tmp, compiled)
+                tok_s[way], ph, losses[way], cpu = _raymoe_run(args.config, args.steps, args.window, tmp, compiled)
             if way == "c":
-                phases = ph
+                phases, shares = ph, cpu
     if "e" in ways:
         print("[overhead] (e) the plain DDP loop in 2 Ray Train workers", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:  # a child process: its own embedded Ray, shut down after
@@ -190,7 +227,7 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
     if "d" in losses:  # the same seed, data and steps: compiled and eager must train alike
         diff = {s: abs(losses["d"][s] - losses["c"][s]) for s in losses["c"]}
         loss_diff = {"10": max(v for s, v in diff.items() if s <= 10), "all": max(diff.values())}
-    return tok_s, phases, loss_diff
+    return tok_s, phases, loss_diff, shares
 
 
 def main(argv=None, from_cli: bool = False) -> int:
@@ -227,9 +264,10 @@ def main(argv=None, from_cli: bool = False) -> int:
           f"{tokens} tokens/step, timing the last {args.window} of {args.steps} steps, "
           f"{args.repeats} interleaved round(s) of ({', '.join(ways)})", file=sys.stderr)
     del model
-    rounds, phase_rounds, diff_rounds = [], [], []
+    rounds, phase_rounds, diff_rounds, share_rounds = [], [], [], []
     for i in range(args.repeats):
-        tok_s, phases, loss_diff = _one_round(args, job, tokens, warmup, ways)
+        tok_s, phases, loss_diff, shares = _one_round(args, job, tokens, warmup, ways)
+        share_rounds.append(shares)
         rounds.append(tok_s)
         phase_rounds.append(phases)
         diff_rounds.append(loss_diff)
@@ -260,6 +298,12 @@ def main(argv=None, from_cli: bool = False) -> int:
         if name in phases:
             print(f"  {name:18s} {phases[name] * 1e3:8.1f} ms  {100 * phases[name] / step_s:5.1f}%")
     print("  (DDP's all-reduce runs inside forward_backward: it overlaps the backward)")
+    shares = [sh for sh in share_rounds if sh]
+    if shares:
+        print(f"\n(c) CPU over the timed window, in cores of this machine's {os.cpu_count()} (per round): "
+              + "; ".join(f"the 2 Train workers {sh['workers_cores']:.2f}, every other process {sh['others_cores']:.2f}"
+                          for sh in shares))
+        print("  most busy others (last round): " + ", ".join(f"{label.split(' (')[0]} {c:.3f}" for label, c in shares[-1]["top_others"]))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
@@ -267,6 +311,6 @@ def main(argv=None, from_cli: bool = False) -> int:
             "rounds": [{WAYS[w]: r[w] for w in ways} for r in rounds], "steps": args.steps, "window": args.window,
             "compiled_vs_eager_loss_diff": max((d["all"] for d in diff_rounds if d), default=None),
             "compiled_vs_eager_loss_diff_10_steps": max((d["10"] for d in diff_rounds if d), default=None),
-            "repeats": args.repeats, "config": args.config}, indent=1))
+            "cpu_shares_c": share_rounds, "repeats": args.repeats, "config": args.config}, indent=1))
         print(f"wrote {args.out}")
     return 0
