@@ -139,7 +139,8 @@ def _cpu_snapshot() -> tuple[float, dict]:
     for q in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
         try:
             ct = q.info["cpu_times"]
-            procs[q.info["pid"]] = ((" ".join(q.info["cmdline"] or []) or q.info["name"] or "?")[:60].strip(), ct.user + ct.system)
+            label = (" ".join(q.info["cmdline"] or []) or q.info["name"] or "?")[:60].strip()
+            procs[q.info["pid"]] = (label, ct.user + ct.system)
         except Exception:  # noqa: BLE001 - a process that ended or hides its times
             continue
     return time.time(), procs
