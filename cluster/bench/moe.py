@@ -146,24 +146,12 @@ def breakdown(args) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def _time(fn, repeats: int, warmup: int, device) -> float:
-    """Median wall seconds of fn() (which runs a forward and its backward)."""
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def pieces(args) -> list[dict]:
     """Wall-clock forward+backward of each piece of the MoE layer timed apart, on the inputs the
     layer gives it, beside the dense SwiGLU's own pieces: where the layer loses against dense
     (the profiler's per-op self times inflate small elementwise ops several-fold on this CPU).
     Each piece's backward gets a fixed random output gradient (no extra reduction timed)."""
+    from cluster.bench.gpu import timed
     from kernels import grouped_mm
     from moe.dispatcher import keep_order, sum_by_token
     from moe.experts import swiglu, swiglu_ops
@@ -227,7 +215,7 @@ def pieces(args) -> list[dict]:
                 t.grad = None
             layer.zero_grad(set_to_none=True)
             dense.zero_grad(set_to_none=True)
-            row[label] = _time(fn, reps, warm, device)
+            row[label] = timed(fn, device, reps, warm)
             print(f"  {label:70s} {row[label] * 1e3:8.1f}", flush=True)
         moe_sum = sum(v for k, v in row.items() if k in moe_pieces and "compiled" not in k)
         floor = sum(v for k, v in row.items() if k in moe_pieces and ("GEMM" in k or "permutation" in k or "combine" in k))
