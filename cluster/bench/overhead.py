@@ -85,16 +85,23 @@ class _null:
         return False
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmup: int, out: str) -> None:
+def _plain_ddp_seconds(config: str, steps: int, warmup: int) -> float:
+    """(b)'s loop on this rank of an initialised gloo group: 1 thread, the model under DDP."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     job, model = _setup(config)
-    sec = _plain_loop(job, DistributedDataParallel(model), steps, warmup, rank, world)
+    return _plain_loop(job, DistributedDataParallel(model), steps, warmup, dist.get_rank(), dist.get_world_size())
+
+
+def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmup: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    sec = _plain_ddp_seconds(config, steps, warmup)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"seconds": sec}))
     dist.destroy_process_group()
 
@@ -111,13 +118,8 @@ def _ray_plain_ddp(config: str, steps: int, warmup: int, out: str) -> None:
 
     def loop(cfg):
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
 
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        job, model = _setup(cfg["config"])
-        sec = _plain_loop(job, DistributedDataParallel(model), cfg["steps"], cfg["warmup"],
-                          dist.get_rank(), dist.get_world_size())
+        sec = _plain_ddp_seconds(cfg["config"], cfg["steps"], cfg["warmup"])
         if dist.get_rank() == 0:  # DDP keeps the ranks in step
             Path(cfg["out"]).write_text(json.dumps({"seconds": sec}))
 
