@@ -19,6 +19,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # tiny run takes ~15 s instead of ~23. Set before the session's cluster starts (its job drivers
 # and controllers inherit it).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Raylets start their workers at nice 15 by default. Under `make test` the other pytest worker
+# runs at nice 0 on the same two cores, and CFS then gives a nice-15 process about 3% of a core
+# against it: every Ray Train worker (the whole Ray group, the suite's long pole) crawled while
+# CPU tests ran beside it. At nice 0 the two groups share the cores. Read by each raylet at start
+# (the session's cluster, the fake autoscaling cluster and the nodes it launches inherit it).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 # Tests use small tensors: one intra-op thread avoids OpenMP spin-waits that make tiny matmuls
 # ~1000x slower whenever another process (a Ray worker, a build) holds the other core.
