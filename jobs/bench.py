@@ -91,13 +91,7 @@ def main(argv=None) -> int:
         breakdown(args)
         return 0
     if args.pieces:
-        results = pieces(args)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": {"device": args.device, "dtype": args.dtype,
-                                                     "threads": torch.get_num_threads(), "torch": torch.__version__,
-                                                     "caching_malloc": malloc.active()}, "results": results}, indent=1))
-            print(f"wrote {args.out}")
+        write_results(args, pieces(args))
         return 0
     threads = 1 if args.what == "ep" else torch.get_num_threads()
     print(f"{args.what} forward+backward, {args.device} {args.dtype}, {threads} thread(s) per process, "
@@ -119,13 +113,18 @@ def main(argv=None) -> int:
               "one-exchange time the overlap hid (gloo's copies share the 2 cores with the compute)")
     else:
         print_table(results)
+    write_results(args, results)
+    return 0
+
+
+def write_results(args, results) -> None:
+    """The results and the settings they were measured with, as JSON at --out (if given)."""
     if args.out:
         meta = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
                 "torch": torch.__version__, "caching_malloc": malloc.active()}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         print(f"wrote {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -92,11 +92,11 @@ def bench_moe(args) -> list[dict]:
                 times[label].append(time_fwd_bwd(module, x, 1, 0))
         for label in modules:
             s = statistics.median(times[label])
-            ratio = statistics.median(d / t for d, t in zip(times["dense"], times[label]))
+            ratios = [d / t for d, t in zip(times["dense"], times[label])]
+            ratio = statistics.median(ratios)
             results.append(dict(shape=name, backend=label, seconds=s, tokens_per_s=shape["tokens"] / s,
                                 gflops=flops / s / 1e9, ratio_to_dense=ratio,
-                                ratio_range=[min(d / t for d, t in zip(times["dense"], times[label])),
-                                             max(d / t for d, t in zip(times["dense"], times[label]))],
+                                ratio_range=[min(ratios), max(ratios)],
                                 **shape, **extras[label]))
             extra = extras[label]
             print(f"  {name:7s} {label:24s} {s * 1e3:8.1f} ms, {ratio:.2f}x dense"
