@@ -182,6 +182,18 @@ def s3():
         server.close()
 
 
+def pytest_sessionstart(session):
+    """Hugging Face's `kernels` distribution (pulled in by transformers >= 5.25) breaks every
+    `import transformers` beside raymoe's kernels/ package: stop with the fix instead of ~30
+    cryptic ImportErrors."""
+    from cluster.deploy.hf.compat import check_transformers_can_import
+
+    try:
+        check_transformers_can_import()
+    except ImportError as e:
+        pytest.exit(f"test environment: {e}", returncode=4)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`): every test that needs

@@ -293,3 +293,18 @@ def test_import_and_export_peak_memory_stay_below_one_and_a_half_model_sizes(tmp
     assert imp["peak_rss_above_baseline_bytes"] < 1.5 * nbytes
     assert exp["peak_rss_above_baseline_bytes"] < 1.5 * nbytes
     assert safetensors_layout(tmp_path / "export") == safetensors_layout(src)
+
+
+def test_hub_kernels_distribution_is_reported_with_the_fix(monkeypatch):
+    """transformers >= 5.25 installs Hugging Face's `kernels`, whose import name is raymoe's kernels/:
+    the check names the version and the fix instead of transformers' ImportError deep inside."""
+    import importlib.metadata
+
+    from cluster.deploy.hf import compat
+
+    compat.check_transformers_can_import()  # this environment (the pinned dev extra) has no hub kernels
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.19.1" if name == "kernels" else real(name))
+    with pytest.raises(ImportError, match=r"`kernels` 0\.19\.1 is installed.*transformers>=5\.23,<5\.25.*uninstall -y kernels"):
+        compat.check_transformers_can_import()
