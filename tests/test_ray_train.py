@@ -71,36 +71,44 @@ def test_generate_from_the_run(straight):
     assert 1 <= produced <= 20
 
 
-def test_resume_continues_the_same_curve_on_another_worker_count(straight, tiny_data):
+@pytest.fixture(scope="module")
+def resumed(straight, tiny_data):
+    """One run stopped at step 15 on 2 workers (checkpoints 10 and 15), its latest checkpoint then
+    silently corrupted, and the same run name resumed on 1 worker to the end: the subject of both
+    the resume and the fallback tests (two Ray runs where each test had two of its own)."""
     storage, _ = straight
-    first = fit(debug_job(tiny_data, storage, "resumed", f"train.stop_at_step={HALF}"))
-    assert first["steps"] == HALF
+    first = fit(debug_job(tiny_data, storage, "resumed", "train.checkpoint_interval=5", "train.stop_at_step=15"))
+    assert first["steps"] == 15 and first["world_size"] == 2
+    shard = next((storage / "resumed" / checkpoint.dir_name(15)).glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a silently corrupted byte: same size, wrong content
+    shard.write_bytes(bytes(data))
     # Same run name, half the workers: same global batch, twice the accumulation steps.
-    second = fit(debug_job(tiny_data, storage, "resumed", "cluster.num_workers=1"))
-    assert second["steps"] == STEPS and second["world_size"] == 1
-    launches = [r for r in read_metrics(storage / "resumed") if r.get("event") == "launch_end"]
-    assert [r["steps_this_launch"] for r in launches] == [HALF, STEPS - HALF]
+    second = fit(debug_job(tiny_data, storage, "resumed", "train.checkpoint_interval=5", "cluster.num_workers=1"))
+    records = read_metrics(storage / "resumed")
     ref = step_losses(read_metrics(storage / "straight"))
-    got = step_losses(read_metrics(storage / "resumed"))
+    return second, records, ref
+
+
+def test_resume_continues_the_same_curve_on_another_worker_count(resumed):
+    second, records, ref = resumed
+    assert second["steps"] == STEPS and second["world_size"] == 1
+    starts = [r for r in records if r.get("event") == "launch_start"]
+    assert [r["world_size"] for r in starts] == [2, 1]
+    got = step_losses(records)
+    assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
                                rtol=0, atol=1e-5)
 
 
-def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(straight, tiny_data):
-    storage, _ = straight
-    first = fit(debug_job(tiny_data, storage, "fallback", "train.checkpoint_interval=5", "train.stop_at_step=15"))
-    assert first["steps"] == 15
-    latest = storage / "fallback" / checkpoint.dir_name(15)
-    shard = next(latest.glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF  # a silently corrupted byte: same size, wrong content
-    shard.write_bytes(bytes(data))
-    fit(debug_job(tiny_data, storage, "fallback", "train.checkpoint_interval=5"))
-    launches = [r for r in read_metrics(storage / "fallback") if r.get("event") == "launch_end"]
-    assert [r["steps_this_launch"] for r in launches] == [15, 10]  # resumed at step 10, not 15
-    ref = step_losses(read_metrics(storage / "straight"))
-    got = step_losses(read_metrics(storage / "fallback"))
-    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [ref[s] for s in range(1, STEPS + 1)],
+def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(resumed):
+    _, records, ref = resumed
+    starts = [r for r in records if r.get("event") == "launch_start"]
+    assert [r["resumed_from"] for r in starts] == [0, 10]  # step 10's checkpoint, not the damaged 15
+    launches = [r for r in records if r.get("event") == "launch_end"]
+    assert [r["steps_this_launch"] for r in launches] == [15, 10]
+    got = step_losses(records)  # steps 11-15 re-run from step 10's state: their last values
+    np.testing.assert_allclose([got[s] for s in range(HALF + 1, STEPS + 1)], [ref[s] for s in range(HALF + 1, STEPS + 1)],
                                rtol=0, atol=1e-5)
 
 
