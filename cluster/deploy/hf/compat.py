@@ -30,7 +30,7 @@ def check_transformers_can_import() -> None:
     except importlib.metadata.PackageNotFoundError:
         tf = "not installed"
     raise ImportError(
-        f"Hugging Face's `kernels` {version} is installed (transformers {tf} pulls it in); its import name "
+        f"Hugging Face's `kernels` {version} is installed (transformers >= 5.25 requires it; this one is {tf}); its import name "
         "`kernels` is raymoe's kernels/ package, so `import transformers` cannot work here. Fix: "
         "pip install 'transformers>=5.23,<5.25' && pip uninstall -y kernels (the versions pyproject.toml's "
         "`dev` extra pins).")
