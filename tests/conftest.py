@@ -185,8 +185,9 @@ def s3():
 def pytest_sessionstart(session):
     """Hugging Face's `kernels` distribution (pulled in by transformers >= 5.25) breaks every
     `import transformers` beside raymoe's kernels/ package: stop with the fix instead of ~30
-    cryptic ImportErrors."""
-    from cluster.deploy.hf.compat import check_transformers_can_import
+    cryptic ImportErrors. (The check lives apart from cluster/deploy/hf, whose converter takes
+    0.75 s to import, so every pytest process does not pay for it.)"""
+    from cluster.deploy.transformers_compat import check_transformers_can_import
 
     try:
         check_transformers_can_import()

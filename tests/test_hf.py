@@ -300,7 +300,7 @@ def test_hub_kernels_distribution_is_reported_with_the_fix(monkeypatch):
     the check names the version and the fix instead of transformers' ImportError deep inside."""
     import importlib.metadata
 
-    from cluster.deploy.hf import compat
+    from cluster.deploy import transformers_compat as compat
 
     compat.check_transformers_can_import()  # this environment (the pinned dev extra) has no hub kernels
     real = importlib.metadata.version

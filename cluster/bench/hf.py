@@ -136,7 +136,7 @@ def measure(kind: str, src: Path, dst: Path) -> dict:
 
 def train_speed(src: Path, run: Path, steps: int, batch: int, seq_len: int, threads: int) -> dict:
     """raymoe vs transformers training tokens/s on the same batches, alternating steps."""
-    from cluster.deploy.hf.compat import import_transformers
+    from cluster.deploy.transformers_compat import import_transformers
 
     transformers = import_transformers()
 
