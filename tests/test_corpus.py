@@ -296,8 +296,9 @@ def _prepare_cli(corpus: Path, out: Path, ray_cluster) -> dict:
 
 
 def test_peak_memory_flat_when_corpus_grows_4x(ray_cluster, tmp_path):
-    """6 MB of JSON text in 2 files vs 24 MB in 4 files of twice the size: the summed VmHWM of
-    the job's processes (driver + its worker processes) grows by less than 20%."""
+    """6 MB of JSON text in 2 files vs 24 MB in 4 files of twice the size: the VmHWM of the driver
+    and of the largest worker process each grow by less than 20%. (Not their sum: Ray Data ran the
+    same job on 1 worker process once and on 2 another time, each ~300 MB of imports alone.)"""
     from cluster.bench.data import make_corpus
 
     small = make_corpus(tmp_path / "small", 6_000_000, file_bytes=3_000_000)
@@ -306,7 +307,8 @@ def test_peak_memory_flat_when_corpus_grows_4x(ray_cluster, tmp_path):
     a = _prepare_cli(small, tmp_path / "out-small", ray_cluster)
     b = _prepare_cli(large, tmp_path / "out-large", ray_cluster)
     assert b["text_bytes"] > 3.9 * a["text_bytes"]
-    assert b["peak_mb"]["total"] < 1.2 * a["peak_mb"]["total"], (a["peak_mb"], b["peak_mb"])
+    for part in ("driver", "largest_worker"):
+        assert b["peak_mb"][part] < 1.2 * a["peak_mb"][part], (part, a["peak_mb"], b["peak_mb"])
 
 
 def test_cli_dry_run_lists_sources(corpus):

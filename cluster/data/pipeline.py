@@ -668,6 +668,7 @@ def prepare_corpus(opts: CorpusOptions, print_fn: Callable[[str], None] | None =
         "text_mb_per_s": text_bytes / 1e6 / seconds,
         "tokens_per_s": sum(s["tokens"] for _, s in ordered) / seconds,
         "peak_mb": {"driver": driver_kb / 1024, "workers": sum(peaks.values()) / 1024,
+                    "largest_worker": max(peaks.values(), default=0) / 1024,
                     "worker_processes": len(peaks), "total": (driver_kb + sum(peaks.values())) / 1024},
     }
     return meta, report
