@@ -45,7 +45,39 @@ def ensure_ray_token() -> None:
                    capture_output=True, timeout=60)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that is free now, for a server a test starts (Ray's head, Prometheus).
+
+    Drawn below the kernel's ephemeral range (and above Ray's worker ports, 10002-19999). A port
+    that bind(0) returns is in that range: between closing it and the server binding it, any
+    outgoing connection may take it, and the Ray cluster of the other pytest worker opens many.
+    CI saw exactly that (EADDRINUSE). Below the range only another listener could take it. No port
+    is handed out twice by one process (one `ray start` asks for six before binding any)."""
+    import random
+
+    rng = random.SystemRandom()  # not the global generator, which a test may have seeded
+    low, high = 20000, min(_ephemeral_low(), 65536) - 1
+    for _ in range(200) if high > low else ():
+        port = rng.randint(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

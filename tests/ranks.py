@@ -1,7 +1,8 @@
 """Gloo ranks for the multi-process tests, spawned once per test session and reused.
 
 `run(fn, world, *args)` runs `fn(rank, world, *args)` on ranks 0..world-1, each inside a fresh
-gloo process group (a new port per call), and returns when every rank has finished; the first
+gloo process group (a new rendezvous file per call, parallel/local_group.py: no TCP port to
+race for), and returns when every rank has finished; the first
 failing rank's traceback is raised here. The processes stay up between calls, so a test pays for
 a process group, not for four interpreters importing torch (spawning them was a third of the
 suite's time on this 2-core machine).
@@ -19,32 +20,27 @@ import gc
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import sys
+import tempfile
 import time
 import traceback
-from contextlib import contextmanager
-from datetime import timedelta
 
-from tests.conftest import free_port
+from parallel.local_group import local_gloo_group, new_rendezvous
 
 _CTX = mp.get_context("spawn")
 _SEED0 = 67280421310721  # torch's default generator seed in a new process
 TIMEOUT_S = 280.0  # under pytest-timeout's 300 s, so the pool is torn down cleanly first
 
 
-@contextmanager
-def _process_group(rank: int, world: int, port: int):
-    """A gloo group on 127.0.0.1:port for the body, torn down after it."""
-    import torch.distributed as dist
+_RDZV_DIR: list[str] = []  # made on first use, by the test process only (the ranks import this module too)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # Short timeout: when a collective fails on one rank the others would otherwise wait 30 min.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
-    try:
-        yield
-    finally:
-        gc.collect()  # DDP keeps reference cycles: free its reducer before its process group goes
-        dist.destroy_process_group()
+
+def _rendezvous() -> str:
+    if not _RDZV_DIR:
+        _RDZV_DIR.append(tempfile.mkdtemp(prefix="raymoe-ranks-"))
+        atexit.register(shutil.rmtree, _RDZV_DIR[0], True)
+    return new_rendezvous(_RDZV_DIR[0])
 
 
 def _serve(rank: int, inbox, results) -> None:
@@ -55,7 +51,7 @@ def _serve(rank: int, inbox, results) -> None:
         task = inbox.get()
         if task is None:
             return
-        fn, world, port, args = task
+        fn, world, rdzv, args = task
         os.environ.clear()
         os.environ.update(env0)
         torch.manual_seed(_SEED0)
@@ -65,7 +61,7 @@ def _serve(rank: int, inbox, results) -> None:
             torch._dynamo.reset()
         try:
             try:
-                with _process_group(rank, world, port):
+                with local_gloo_group(rank, world, rdzv):
                     fn(rank, world, *args)
             finally:
                 _clear_distributed_caches()
@@ -119,9 +115,9 @@ class _Pool:
         if any(not p.is_alive() for p in self.procs):
             self.shutdown()
         self._grow(world)
-        port = free_port()
+        rdzv = _rendezvous()
         for rank in range(world):
-            self.inboxes[rank].put((fn, world, port, args))
+            self.inboxes[rank].put((fn, world, rdzv, args))
         pending, errors = set(range(world)), {}
         deadline = time.monotonic() + timeout_s
         try:
@@ -164,12 +160,12 @@ def run_fresh(fn, world: int, *args) -> None:
     peak-memory reading from zero, or malloc settings read from the environment at start-up."""
     import torch.multiprocessing as tmp
 
-    tmp.start_processes(_fresh_entry, args=(fn, world, free_port(), args), nprocs=world, start_method="spawn")
+    tmp.start_processes(_fresh_entry, args=(fn, world, _rendezvous(), args), nprocs=world, start_method="spawn")
 
 
-def _fresh_entry(rank, fn, world, port, args):
+def _fresh_entry(rank, fn, world, rdzv, args):
     import torch
 
     torch.set_num_threads(1)
-    with _process_group(rank, world, port):
+    with local_gloo_group(rank, world, rdzv):
         fn(rank, world, *args)

@@ -231,17 +231,15 @@ def pieces(args) -> list[dict]:
 EP_SHAPE = dict(tokens=8192, d_model=512, num_experts=8, top_k=2, expert_hidden=1024)
 
 
-def _ep_worker(rank: int, world: int, port: int, args, out: str) -> None:
+def _ep_worker(rank: int, world: int, rdzv: str, args, out: str) -> None:
     """One of `world` gloo ranks: time the EP layer fwd+bwd and the exchange inside it."""
-    import os
-
     import torch.distributed as dist
 
     from parallel.expert_parallel import ExchangeTimer, apply_expert_parallel
+    from parallel.local_group import init_local_gloo
     from parallel.mesh import ParallelDims, build_groups
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_gloo(rank, world, rdzv, timeout_s=1800)
     torch.set_num_threads(1)
     s = EP_SHAPE
     torch.manual_seed(0)
@@ -268,13 +266,6 @@ def _ep_worker(rank: int, world: int, port: int, args, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def bench_ep(args) -> list[dict]:
     """EP=2 on 2 gloo processes (1 thread each) vs the unsharded layer on one process (1 thread),
@@ -286,6 +277,8 @@ def bench_ep(args) -> list[dict]:
 
     import torch.multiprocessing as mp
 
+    from parallel.local_group import new_rendezvous
+
     s, world = EP_SHAPE, 2
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -293,7 +286,7 @@ def bench_ep(args) -> list[dict]:
     x = torch.randn(1, s["tokens"], s["d_model"], requires_grad=True)
     single_s = time_fwd_bwd(single, x, args.repeats, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_ep_worker, args=(world, _free_port(), args, tmp), nprocs=world, start_method="spawn")
+        mp.start_processes(_ep_worker, args=(world, new_rendezvous(tmp), args, tmp), nprocs=world, start_method="spawn")
         ranks = [torch.load(f"{tmp}/rank{r}.pt", weights_only=True) for r in range(world)]
     common = dict(shape="T=8192/worker d=512 E=8 k=2 F=1024", ratio_to_dense=None, gflops=None)
     results = [dict(name="single_process", backend="local", seconds=single_s, tokens_per_s=s["tokens"] / single_s,

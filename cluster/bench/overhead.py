@@ -96,11 +96,12 @@ def _plain_ddp_seconds(config: str, steps: int, warmup: int) -> float:
     return _plain_loop(job, DistributedDataParallel(model), steps, warmup, dist.get_rank(), dist.get_world_size())
 
 
-def _ddp_worker(rank: int, world: int, port: int, config: str, steps: int, warmup: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, rdzv: str, config: str, steps: int, warmup: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from parallel.local_group import init_local_gloo
+
+    init_local_gloo(rank, world, rdzv, timeout_s=1800)
     sec = _plain_ddp_seconds(config, steps, warmup)
     Path(out, f"rank{rank}.json").write_text(json.dumps({"seconds": sec}))
     dist.destroy_process_group()
@@ -197,7 +198,7 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
     import torch.multiprocessing as mp
 
     import archs
-    from cluster.bench.moe import _free_port
+    from parallel.local_group import new_rendezvous
 
     tok_s, phases, losses, loss_diff, shares = {}, {}, {}, {}, {}
     if "a" in ways:
@@ -208,7 +209,7 @@ def _one_round(args, job, tokens: int, warmup: int, ways: str) -> tuple[dict, di
     if "b" in ways:
         print("[overhead] (b) plain 2-process DDP over gloo, 1 thread each", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_ddp_worker, args=(2, _free_port(), args.config, args.steps, warmup, tmp), nprocs=2,
+            mp.start_processes(_ddp_worker, args=(2, new_rendezvous(tmp), args.config, args.steps, warmup, tmp), nprocs=2,
                                start_method="spawn")
             tok_s["b"] = tokens / max(json.loads(Path(tmp, f"rank{r}.json").read_text())["seconds"] for r in range(2))
     for way, compiled in (("c", False), ("d", True)):

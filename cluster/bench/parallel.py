@@ -137,18 +137,16 @@ def _train(par_or_model, cfg, data, micro_rows, dp_rank, dp, warmup) -> tuple[li
     return losses, times[warmup:] if len(times) > warmup else times
 
 
-def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str) -> None:
-    import os
-
+def _worker(rank: int, world: int, rdzv: str, cfg, layout: dict, args, out: str) -> None:
     import torch.distributed as dist
 
     import archs
     import parallel
     from cluster.config.job import num_experts
+    from parallel.local_group import init_local_gloo
     from parallel.mesh import ParallelDims, build_groups
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_local_gloo(rank, world, rdzv, timeout_s=1800)
     torch.set_num_threads(1)
     _reset_peak()
     base = _status_mib("VmRSS")
@@ -166,13 +164,6 @@ def _worker(rank: int, world: int, port: int, cfg, layout: dict, args, out: str)
     del par
     dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(args) -> list[dict]:
@@ -228,11 +219,13 @@ def _spawn(world: int, cfg, layout: dict, args, what: str) -> list[dict]:
     rank had saved its results they are used, else the layout runs once more; both said on stderr."""
     import torch.multiprocessing as mp
 
+    from parallel.local_group import new_rendezvous
+
     for attempt in (1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             files = [Path(f"{tmp}/rank{r}.pt") for r in range(world)]
             try:
-                mp.start_processes(_worker, args=(world, _free_port(), cfg, layout, args, tmp), nprocs=world,
+                mp.start_processes(_worker, args=(world, new_rendezvous(tmp), cfg, layout, args, tmp), nprocs=world,
                                    start_method="spawn")
             except mp.ProcessExitedException as err:
                 if not all(f.exists() for f in files):
