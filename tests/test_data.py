@@ -131,6 +131,62 @@ def test_meta_inconsistent_with_files(tmp_path):
         read_meta(tmp_path / "ds")
 
 
+def _tamper(ds_dir: Path, file: str, rows: int | None = None, seq_len: str | None = None) -> None:
+    """Rewrite one shard behind meta.json's back: fewer rows, or a footer claiming another seq_len."""
+    table = pq.read_table(ds_dir / file)
+    if rows is not None:
+        table = table.slice(0, rows)
+    if seq_len is not None:
+        table = table.replace_schema_metadata({**table.schema.metadata, b"seq_len": seq_len.encode()})
+    pq.write_table(table, ds_dir / file)
+
+
+def test_footers_are_checked_once_by_the_driver_and_each_shard_by_the_worker_that_reads_it(tmp_path, monkeypatch):
+    """The driver's check reads every footer; a worker's reads none (64 workers x 10,000 shards
+    would be 640,000 GETs before the first step) but still refuses a changed shard when it reads it."""
+    from cluster.config.job import load_config
+    from cluster.data import tokens
+    from cluster.tasks.registry import build_task
+
+    meta = _write(tmp_path)
+    ds_dir = tmp_path / "ds"
+    footer_reads = []
+    real = tokens._read_footer
+    monkeypatch.setattr(tokens, "_read_footer", lambda loc: footer_reads.append(loc.name) or real(loc))
+    data = load_config("debug", [f"data.path={ds_dir}"]).data
+    build_task("lm", data)
+    assert sorted(footer_reads) == sorted(s.file for split in ("train", "val") for s in meta.shards[split])
+
+    bad = meta.shards["train"][1].file
+    _tamper(ds_dir, bad, rows=3)
+    with pytest.raises(ValueError, match=f"shard {ds_dir}/{bad} has 3 rows .* meta.json says 7 rows.*prepare it again"):
+        build_task("lm", data)
+    footer_reads.clear()
+    task = build_task("lm", data, verify="listing")  # a worker
+    assert footer_reads == []
+    batches = task.train_batches(global_batch=7, micro_batch_size=7, rank=0, world=1, seed=0)
+    with pytest.raises(ValueError, match=f"shard {ds_dir}/{bad} has 3 rows"):
+        for step in range(len(meta.shards["train"])):
+            batches.batches_for_step(step * 7)
+    assert footer_reads == []
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_footer_check_names_the_first_bad_shard_in_file_order(tmp_path, threads):
+    meta = _write(tmp_path)
+    for shard in meta.shards["train"][2:]:
+        _tamper(tmp_path / "ds", shard.file, seq_len="99")
+    first = meta.shards["train"][2].file
+    with pytest.raises(ValueError, match=f"{first} has 7 rows and footer .*b'seq_len': b'99'"):
+        read_meta(tmp_path / "ds", threads=threads)
+    assert read_meta(tmp_path / "ds", verify="listing") == meta
+    # A worker's dataset refuses the shard when it reads it, and reads the good ones.
+    ds = TokenDataset(tmp_path / "ds", verify="listing")
+    assert ds.get(np.arange(7)).shape == (7, 17)
+    with pytest.raises(ValueError, match=f"{first} has 7 rows and footer"):
+        ds.get(np.arange(14, 21))
+
+
 @pytest.mark.parametrize("rows", [[5], [7, 7, 3], [1, 4, 2, 9]])
 def test_global_order_epochs_are_permutations(rows):
     total = sum(rows)

@@ -1,5 +1,6 @@
-"""Training data from an S3 API vs local disk: shard read throughput, and training tokens/s of
-`moe_small` with the shard prefetch on and off, with the stalls waiting for data.
+"""Training data from an S3 API vs local disk: shard read throughput, training tokens/s of
+`moe_small` with the shard prefetch on and off, with the stalls waiting for data, and the seconds
+to open a dataset of many shards (the driver's footer check, serial and threaded, vs a worker's).
 
     python -m jobs.bench storage                 # moto's S3 server on 127.0.0.1 (needs the dev extra)
     python -m jobs.bench storage --repeats 5 --steps 12 --out storage.json
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -69,6 +71,76 @@ def read_throughput(uri: str) -> dict:
     return {"mb_per_s": total / seconds / 1e6, "seconds": seconds, "bytes": total}
 
 
+class LatencyProxy:
+    """An HTTP proxy on 127.0.0.1 that answers each request `latency_s` late: an object store's
+    time to first byte (tens of ms) in front of moto, which answers in a few ms. Requests wait in
+    parallel, as they would on the network."""
+
+    def __init__(self, upstream: str, latency_s: float):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import urlparse
+
+        host, port = urlparse(upstream).hostname, urlparse(upstream).port
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                time.sleep(latency_s)
+                conn = http.client.HTTPConnection(host, port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers={
+                        k: v for k, v in self.headers.items() if k.lower() != "connection"})
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response_only(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def startup_checks(uri: str, repeats: int) -> dict:
+    """Seconds to open a dataset of many small shards, the three ways there are (median of
+    `repeats`): the driver's check of every footer one at a time and FOOTER_THREADS at a time, and
+    a worker's open (meta.json and one listing; each shard is checked when it is read)."""
+    from cluster.data.tokens import FOOTER_THREADS, read_meta
+
+    ways = {"driver_footers_1_thread": dict(verify="footers", threads=1),
+            f"driver_footers_{FOOTER_THREADS}_threads": dict(verify="footers", threads=FOOTER_THREADS),
+            "worker_listing": dict(verify="listing")}
+    seconds = {k: [] for k in ways}
+    for _ in range(repeats):
+        for name, kw in ways.items():
+            t0 = time.perf_counter()
+            read_meta(uri, **kw)
+            seconds[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in seconds.items()}
+
+
 def train_run(job, uri: str, prefetch: bool, steps: int) -> dict:
     """`steps` optimizer steps of the job's model on data at `uri`, one process."""
     import archs
@@ -107,7 +179,14 @@ def main(argv=None, from_cli: bool = False) -> int:
     p.add_argument("--rows-per-shard", type=int, default=32,
                    help="rows per shard: small, so a short run crosses shards (default: 32 = 2 steps of moe_small)")
     p.add_argument("--documents", type=int, default=60,
-                   help="pydoc topics in the dataset (default: 60, about 20 train shards; each run checks every footer)")
+                   help="pydoc topics in the dataset (default: 60, about 20 train shards)")
+    p.add_argument("--startup-shards", type=int, default=300,
+                   help="about this many shards in the dataset whose opening is timed (driver vs worker checks; "
+                        "default: 300, 0 skips)")
+    p.add_argument("--latency-ms", type=float, default=20.0,
+                   help="time to first byte added to each request while opening it (default: 20, an object "
+                        "store's; moto alone answers in a few ms, one request at a time)")
+    p.add_argument("--startup-only", action="store_true", help="only time the opening (no reads, no training)")
     p.add_argument("--config", default="moe_small",
                    help="model/batch config trained (default: moe_small; moe_debug for a quick look on a busy CPU)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -142,13 +221,32 @@ def main(argv=None, from_cli: bool = False) -> int:
                                      source=described)
             print(f"[bench storage] dataset: {meta.num_train} train rows of {seq_len + 1} tokens in "
                   f"{len(meta.shards['train'])} shards, on disk and in s3://{BUCKET} ({endpoint})", flush=True)
+            startup = None
+            if args.startup_shards:
+                # Rows of 17 tokens, 2 per shard: the footers, not the bytes, are what is timed.
+                rng = random.Random(0)  # a document of 8 words is about 3 rows of 17 bytes
+                words = [" ".join(rng.choice(("expert", "router", "token", "shard")) for _ in range(8))
+                         for _ in range(args.startup_shards)]
+                many = f"s3://{BUCKET}/many-shards"
+                big = write_dataset(words, many, ByteTokenizer(), 16, rows_per_shard=3, source="words")
+                n = len(big.shards["train"]) + len(big.shards["val"])
+                proxy = LatencyProxy(endpoint, args.latency_ms / 1e3) if args.latency_ms > 0 else None
+                os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint if proxy else endpoint
+                try:
+                    startup = {"shards": n, "latency_ms": args.latency_ms, "seconds": startup_checks(many, args.repeats)}
+                finally:
+                    os.environ["AWS_ENDPOINT_URL"] = endpoint
+                    if proxy:
+                        proxy.close()
+                print(f"[bench storage] opening a dataset of {n} shards in s3://{BUCKET} (+{args.latency_ms:g} ms "
+                      "per request): " + ", ".join(f"{k} {v:.2f} s" for k, v in startup["seconds"].items()), flush=True)
             job = load_config(args.config, [f"data.path={sources['disk']}"])
             from cluster.train.driver import resolve
 
             job = resolve(job)
             reads = {k: [] for k in sources}
             runs = {(k, pf): [] for k in sources for pf in (True, False)}
-            for rnd in range(args.repeats):
+            for rnd in range(0 if args.startup_only else args.repeats):
                 for name, uri in sources.items():
                     r = read_throughput(uri)
                     reads[name].append(r)
@@ -166,21 +264,29 @@ def main(argv=None, from_cli: bool = False) -> int:
     def med(rs, key):
         return statistics.median(r[key] for r in rs)
 
-    disk_on = med(runs[("disk", True)], "tokens_per_s")
-    table = [{"source": name, "prefetch": pf, "tokens_per_s": med(rs, "tokens_per_s"),
-              "vs_disk_prefetch": med(rs, "tokens_per_s") / disk_on - 1,
-              "stalls_after_first_shard": med(rs, "stalls_after_first"), "wait_s": med(rs, "wait_s")}
-             for (name, pf), rs in runs.items()]
-    print(f"\nshard read (all {len(meta.shards['train'])} train shards, median of {args.repeats}):")
-    for name, rs in reads.items():
-        print(f"  {name:4s} {med(rs, 'mb_per_s'):8.1f} MB/s")
-    print(f"\n{args.config} training, {args.steps} steps x {job.train.global_batch_size} x {seq_len} tokens, fp32 CPU, "
-          f"{args.threads} threads (median of {args.repeats} interleaved runs):")
-    print(f"  {'source':6s} {'prefetch':8s} {'tok/s':>8s} {'vs disk+prefetch':>17s} {'stalls after 1st':>17s} {'wait s':>7s}")
-    for r in table:
-        print(f"  {r['source']:6s} {'on' if r['prefetch'] else 'off':8s} {r['tokens_per_s']:8.0f} "
-              f"{100 * r['vs_disk_prefetch']:+16.1f}% {r['stalls_after_first_shard']:17.0f} {r['wait_s']:7.2f}")
-    result = {"reads": {k: {"mb_per_s_median": med(v, "mb_per_s"), "runs": v} for k, v in reads.items()},
+    table = []
+    if not args.startup_only:
+        disk_on = med(runs[("disk", True)], "tokens_per_s")
+        table = [{"source": name, "prefetch": pf, "tokens_per_s": med(rs, "tokens_per_s"),
+                  "vs_disk_prefetch": med(rs, "tokens_per_s") / disk_on - 1,
+                  "stalls_after_first_shard": med(rs, "stalls_after_first"), "wait_s": med(rs, "wait_s")}
+                 for (name, pf), rs in runs.items()]
+        print(f"\nshard read (all {len(meta.shards['train'])} train shards, median of {args.repeats}):")
+        for name, rs in reads.items():
+            print(f"  {name:4s} {med(rs, 'mb_per_s'):8.1f} MB/s")
+        print(f"\n{args.config} training, {args.steps} steps x {job.train.global_batch_size} x {seq_len} tokens, fp32 CPU, "
+              f"{args.threads} threads (median of {args.repeats} interleaved runs):")
+        print(f"  {'source':6s} {'prefetch':8s} {'tok/s':>8s} {'vs disk+prefetch':>17s} {'stalls after 1st':>17s} {'wait s':>7s}")
+        for r in table:
+            print(f"  {r['source']:6s} {'on' if r['prefetch'] else 'off':8s} {r['tokens_per_s']:8.0f} "
+                  f"{100 * r['vs_disk_prefetch']:+16.1f}% {r['stalls_after_first_shard']:17.0f} {r['wait_s']:7.2f}")
+    if startup:
+        print(f"\nopening a dataset of {startup['shards']} shards in the bucket, +{args.latency_ms:g} ms per request "
+              f"(median of {args.repeats}; the driver checks every footer once, each worker only lists, then checks "
+              "each shard as it reads it):")
+        for k, v in startup["seconds"].items():
+            print(f"  {k:26s} {v:7.2f} s")
+    result = {"startup": startup, "reads": {k: {"mb_per_s_median": med(v, "mb_per_s"), "runs": v} for k, v in reads.items() if v},
               "training": table, "runs": {f"{k}-{'prefetch' if pf else 'no-prefetch'}": v for (k, pf), v in runs.items()},
               "steps": args.steps, "rows_per_shard": args.rows_per_shard, "repeats": args.repeats,
               "threads": args.threads, "config": args.config, "endpoint": "moto server on 127.0.0.1"}

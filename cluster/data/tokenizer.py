@@ -271,7 +271,7 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     root = Path(data_dir)
     if not (root / "meta.json").is_file() and (root / HFTokenizer.SIDECAR).is_file():
         return HFTokenizer.load(root / "tokenizer.json")  # an imported Hugging Face run's tokenizer
-    meta = read_meta(data_dir, check_shards=False)
+    meta = read_meta(data_dir, verify="none")
     if meta.tokenizer == "hf":
         tok = HFTokenizer.load(root / "tokenizer.json")
     elif meta.tokenizer == "byte":

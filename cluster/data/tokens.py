@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -213,10 +214,26 @@ _publish = publish  # the name other writers (samples.py) import
 # ---------------------------------------------------------------------------- reading
 
 
-def read_meta(path: str | Path | Location, check_shards: bool = True) -> DatasetMeta:
-    """Read and check `meta.json` against the shard files (existence, row counts, footers).
+VERIFY = ("footers", "listing", "none")
+"""How much of a dataset `read_meta` checks against meta.json:
+- `footers`: also every shard's Parquet footer (row count, tokenizer fields), read by a thread pool.
+  The driver does this once before it starts the workers.
+- `listing`: the shard files present (one listing) and the row counts of meta.json. Each worker
+  does only this, and checks each shard's rows and footer when it reads the shard
+  (`read_shard(..., expect=)`). Checking every footer on every worker would cost
+  workers x shards requests before the first step: 64 workers x 10,000 shards is 640,000 GETs,
+  minutes at object-store latency.
+- `none`: meta.json alone (a run keeps a copy for its tokenizer)."""
 
-    `check_shards=False` reads only meta.json (a run keeps a copy for its tokenizer)."""
+FOOTER_THREADS = 16
+"""Concurrent footer reads: object stores answer each in tens of ms, so reading them one at a time
+would take most of the check's time."""
+
+
+def read_meta(path: str | Path | Location, verify: str = "footers", threads: int = FOOTER_THREADS) -> DatasetMeta:
+    """Read meta.json and check it against the shard files, as far as `verify` says (VERIFY)."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify={verify!r} must be one of {VERIFY}")
     root = storage.locate(path)
     info = root.info()
     if info.type == storage.pafs.FileType.NotFound:
@@ -224,19 +241,21 @@ def read_meta(path: str | Path | Location, check_shards: bool = True) -> Dataset
                                 f"jobs.prepare_data --out {root.uri}` or set data.path")
     if info.type != storage.pafs.FileType.Directory:
         raise NotADirectoryError(f"data path '{root.uri}' is not a directory")
-    listing = {loc.name for loc in root.children()}
+    if verify == "none":
+        listing = {"meta.json"} if root.join("meta.json").is_file() else set()
+    else:
+        listing = {loc.name for loc in root.children()}
     if "meta.json" not in listing:
-        what = "is empty" if not listing else "has no meta.json"
+        what = "is empty" if not listing and verify != "none" else "has no meta.json"
         raise FileNotFoundError(f"data path '{root.uri}' {what}: not a dataset; run `python -m "
                                 f"jobs.prepare_data --out {root.uri}` or set data.path")
     try:
         meta = DatasetMeta.from_dict(json.loads(root.join("meta.json").read_text()))
     except (ValueError, TypeError) as err:
         raise ValueError(f"data path '{root.uri}': malformed meta.json: {err}") from err
-    if not check_shards:
+    if verify == "none":
         return meta
 
-    expected_footer = footer_metadata(meta)
     for split in SPLITS:
         shards = meta.shards[split]
         if not shards:
@@ -248,19 +267,47 @@ def read_meta(path: str | Path | Location, check_shards: bool = True) -> Dataset
         present = sorted(n for n in listing if n.startswith(f"{split}-") and n.endswith(".parquet"))
         if present != sorted(s.file for s in shards):
             missing = sorted(set(s.file for s in shards) - set(present))
-            raise ValueError(f"data path '{root.uri}': {split} shard files present {present} differ "
-                             f"from meta.json {[s.file for s in shards]}"
-                             + (f"; missing: {', '.join(root.join(m).uri for m in missing)}" if missing else ""))
-        for shard in shards:
-            # Footers only (a few KB each): cheap enough for every worker to check.
-            loc = root.join(shard.file)
-            footer = storage.retrying("read footer of", loc, lambda: _read_footer(loc))
-            found = {k: v for k, v in (footer.metadata or {}).items() if k in expected_footer}
-            if footer.num_rows != shard.rows or found != expected_footer:
-                raise ValueError(
-                    f"data path '{root.uri}': {shard.file} has {footer.num_rows} rows and footer "
-                    f"{found}, but meta.json says {shard.rows} rows and {expected_footer}")
+            extra = sorted(set(present) - set(s.file for s in shards))
+            raise ValueError(f"data path '{root.uri}': the {split} shard files present differ from meta.json's "
+                             f"{len(shards)}" + (f"; missing: {', '.join(root.join(m).uri for m in missing[:5])}"
+                                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                                                 if missing else "")
+                             + (f"; not in meta.json: {', '.join(extra[:5])}" + (f" and {len(extra) - 5} more"
+                                                                                if len(extra) > 5 else "")
+                                if extra else "")
+                             + ": prepare the dataset again")
+    if verify == "footers":
+        check_footers(root, meta, threads)
     return meta
+
+
+def check_footers(root: Location, meta: DatasetMeta, threads: int = FOOTER_THREADS) -> None:
+    """Every shard's footer against meta.json (row count, tokenizer fields): footers only, a few KB
+    each, `threads` at a time, with a progress line every 10 s. Raises on the first bad shard in
+    file order. pyarrow spends 2 requests on each footer (a stat and a ranged GET)."""
+    shards = [s for split in SPLITS for s in meta.shards[split]]
+    expected = footer_metadata(meta)
+
+    def check(shard: Shard) -> None:
+        loc = root.join(shard.file)
+        footer = storage.retrying("read footer of", loc, lambda: _read_footer(loc))
+        _check_shard(loc, footer.num_rows, footer.metadata, shard, expected)
+
+    t0 = last = time.monotonic()
+    with ThreadPoolExecutor(max(1, min(threads, len(shards))), thread_name_prefix="raymoe-footers") as pool:
+        for done, _ in enumerate(pool.map(check, shards), 1):
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                print(f"[data] checked {done}/{len(shards)} shard footers of {root.uri} "
+                      f"({last - t0:.0f} s)", file=sys.stderr, flush=True)
+
+
+def _check_shard(loc: Location, rows: int, metadata: dict | None, shard: Shard,
+                 expected: dict[bytes, bytes]) -> None:
+    found = {k: v for k, v in (metadata or {}).items() if k in expected}
+    if rows != shard.rows or found != expected:
+        raise ValueError(f"shard {loc.uri} has {rows} rows and footer {found}, but meta.json says {shard.rows} "
+                         f"rows and {expected}: the dataset was changed after it was written; prepare it again")
 
 
 def _read_footer(loc: Location) -> pq.FileMetaData:
@@ -278,15 +325,20 @@ class ReadStats:
     """Seconds the loop spent waiting for shards."""
 
 
-def read_shard(loc: Location, width: int, policy: storage.RetryPolicy | None = None) -> np.ndarray:
+def read_shard(loc: Location, width: int, policy: storage.RetryPolicy | None = None,
+               expect: tuple[Shard, dict[bytes, bytes]] | None = None) -> np.ndarray:
     """A token shard decoded into int32 [rows, width]; one GET of the whole object, retried on
-    transient errors (a stalled read times out and is retried)."""
+    transient errors (a stalled read times out and is retried). With `expect` (the shard's entry
+    in meta.json and footer_metadata(meta)), its row count and footer are checked against them."""
     try:
         data = storage.retrying("read shard", loc, lambda: _read_object(loc), policy)
     except FileNotFoundError:
         raise FileNotFoundError(f"shard {loc.uri} is missing (it is listed in meta.json); the dataset "
                                 "was changed after it was written: prepare it again") from None
-    column = pq.read_table(pa.BufferReader(data), columns=["tokens"]).column("tokens").combine_chunks()
+    table = pq.read_table(pa.BufferReader(data), columns=["tokens"])
+    if expect is not None:
+        _check_shard(loc, table.num_rows, table.schema.metadata, *expect)
+    column = table.column("tokens").combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), width)
 
 
@@ -305,13 +357,17 @@ class TokenDataset:
     """
 
     def __init__(self, path: str | Path | Location, split: str = "train", cache_shards: int = 2,
-                 prefetch: bool = False, timeout_s: float | None = None, attempts: int | None = None) -> None:
+                 prefetch: bool = False, timeout_s: float | None = None, attempts: int | None = None,
+                 meta: DatasetMeta | None = None, verify: str = "listing") -> None:
+        """`meta`: the dataset's, already read and checked (then nothing is read here); else it is
+        read with `verify` (VERIFY). Either way each shard's rows and footer are checked as it is read."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r} must be one of {SPLITS}")
         self.root = storage.locate(path, timeout_s=timeout_s)
         self.path = self.root.uri
         self.split = split
-        self.meta = read_meta(self.root)
+        self.meta = meta if meta is not None else read_meta(self.root, verify)
+        self._footer = footer_metadata(self.meta)
         self.rows_per_shard = self.meta.rows_per_shard(split)
         self._offsets = np.cumsum([0] + self.rows_per_shard)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -355,10 +411,14 @@ class TokenDataset:
         or already on its way)."""
         if self._pool is None or i in self._cache or i in self._pending:
             return
-        self._pending[i] = self._pool.submit(read_shard, self._shard_location(i), self.seq_len + 1, self._policy)
+        self._pending[i] = self._pool.submit(self._read, i)
 
     def _shard_location(self, i: int) -> Location:
         return self.root.join(self.meta.shards[self.split][i].file)
+
+    def _read(self, i: int) -> np.ndarray:
+        return read_shard(self._shard_location(i), self.seq_len + 1, self._policy,
+                          expect=(self.meta.shards[self.split][i], self._footer))
 
     def _shard(self, i: int) -> np.ndarray:
         """Shard i decoded once into int32 [rows, seq_len + 1]."""
@@ -370,7 +430,7 @@ class TokenDataset:
         if pending is None or not pending.done():
             self.stats.stalls += 1
         # A failed prefetch raises here, in the loop, with the shard's URI.
-        rows_NW = pending.result() if pending is not None else read_shard(self._shard_location(i), self.seq_len + 1, self._policy)
+        rows_NW = pending.result() if pending is not None else self._read(i)
         self.stats.wait_s += time.perf_counter() - t0
         self.stats.shard_reads += 1
         self._cache[i] = rows_NW

@@ -42,17 +42,17 @@ def load_teacher(run_dir: str | Path) -> tuple[nn.Module, Any, Path]:
 
 
 class Distillation(LanguageModeling):
-    def __init__(self, data_path: str, teacher_dir: str, alpha: float, temperature: float):
-        super().__init__(data_path)
+    def __init__(self, data_path: str, teacher_dir: str, alpha: float, temperature: float, verify: str = "footers"):
+        super().__init__(data_path, verify=verify)
         self.teacher_dir, self.alpha, self.temperature = teacher_dir, alpha, temperature
         self._teacher: nn.Module | None = None
         self._teacher_cfg = None
 
     @classmethod
-    def from_config(cls, data_cfg, train_cfg) -> "Distillation":
+    def from_config(cls, data_cfg, train_cfg, verify: str = "footers") -> "Distillation":
         if train_cfg is None or train_cfg.teacher is None:
             raise ValueError("train.teacher: task distill needs the teacher's run directory")
-        return cls(data_cfg.path, train_cfg.teacher, train_cfg.distill_alpha, train_cfg.distill_temperature)
+        return cls(data_cfg.path, train_cfg.teacher, train_cfg.distill_alpha, train_cfg.distill_temperature, verify)
 
     def teacher(self, device: torch.device) -> nn.Module:
         if self._teacher is None:

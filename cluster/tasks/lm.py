@@ -49,14 +49,16 @@ class LanguageModeling:
     """Next-token prediction on fixed-length token sequences [B, T+1]."""
 
     def __init__(self, data_path: str, prefetch: bool = False, read_timeout_s: float | None = None,
-                 read_attempts: int | None = None):
+                 read_attempts: int | None = None, verify: str = "footers"):
+        """`verify` (cluster.data.tokens.VERIFY): the driver checks every shard footer once; the
+        workers pass "listing" and check each shard as they read it."""
         self.path = data_path
-        self.meta = read_meta(data_path)
-        self.read = dict(prefetch=prefetch, timeout_s=read_timeout_s, attempts=read_attempts)
+        self.meta = read_meta(data_path, verify)
+        self.read = dict(prefetch=prefetch, timeout_s=read_timeout_s, attempts=read_attempts, meta=self.meta)
 
     @classmethod
-    def from_config(cls, data_cfg) -> LanguageModeling:
-        return cls(data_cfg.path, data_cfg.prefetch, data_cfg.read_timeout_s, data_cfg.read_attempts)
+    def from_config(cls, data_cfg, verify: str = "footers") -> LanguageModeling:
+        return cls(data_cfg.path, data_cfg.prefetch, data_cfg.read_timeout_s, data_cfg.read_attempts, verify)
 
     def configure_model(self, model_cfg):
         if model_cfg.vocab_size is None:
@@ -76,7 +78,7 @@ class LanguageModeling:
                               global_batch, micro_batch_size, rank, world)
 
     def eval_batches(self, num, micro_batch_size, rank, world):
-        return eval_batches(TokenDataset(self.path, "val"), num, micro_batch_size, rank, world)
+        return eval_batches(TokenDataset(self.path, "val", meta=self.meta), num, micro_batch_size, rank, world)
 
     def loss_sum(self, model, batch, device):
         inputs, targets = self.inputs_targets(batch, device)

@@ -47,7 +47,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     _, dp_rank, _ = dims.coords(rank)
     # The model is initialised identically on every rank from the seed (no broadcast needed).
     torch.manual_seed(t.seed)
-    task = build_task(t.task, job.data, t)
+    task = build_task(t.task, job.data, t, verify="listing")  # the driver checked every footer
     # Every rank of a data-parallel replica (its TP ranks and pipeline stages) reads its data.
     batches = task.train_batches(t.global_batch_size, t.micro_batch_size, dp_rank, dims.dp, t.seed)
     eval_set = task.eval_batches(t.eval_sequences, t.micro_batch_size, dp_rank, dims.dp)
