@@ -9,14 +9,23 @@ Layout of one checkpoint directory (Ray Train merges every worker's files into i
 Each checkpoint is written into a fresh local directory and only becomes the run's latest once
 Ray has copied it completely, so a crash while writing never replaces the last good one.
 A run may live on local/shared disk or under a URI (`s3://bucket/runs/NAME`): reading a
-checkpoint's metadata, the manifest check and the choice of the checkpoint to resume from work
-on either through `cluster.data.storage`; `load` needs a local directory (`storage.local_copy`).
+checkpoint's metadata, the manifest check, the choice of the checkpoint to resume from and `load`
+work on either through `cluster.data.storage`. From a bucket, `load` reads only the byte ranges
+of the shards its rank's state needs (`RemoteReader`): there is no download of the whole
+checkpoint, on any rank.
+
+At scale the checks are spread out. A resuming group verifies a checkpoint once between them:
+every rank checks the listing (each file there at its recorded size), hashes every world-th file,
+and they agree on the verdict (`choose_resume`). The driver checks only the listing. Hashing it
+all on every rank would read a 50 B-parameter checkpoint (~800 GB with Adam state) once per rank.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -120,38 +130,84 @@ def _digest(path: Path | Location) -> dict:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def verify(path: str | Path | Location) -> dict:
-    """Check that every file of every rank is there with its recorded size and SHA-256; return meta."""
+def _listing(loc: Location) -> dict[str, int]:
+    """File name -> size of a checkpoint directory's files, from one listing."""
+    sel = storage.pafs.FileSelector(loc.path, allow_not_found=True, recursive=False)
+    infos = storage.retrying("list", loc, lambda: loc.fs.get_file_info(sel))
+    return {i.base_name: i.size for i in infos if i.type == storage.pafs.FileType.File}
+
+
+def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, world: int = 1) -> dict:
+    """Check a checkpoint against its manifests and return its meta. Every file of every rank
+    must be present at its recorded size (one listing). With `contents`, the SHA-256 of every
+    world-th file (those at index `rank`, `rank + world`, ... in name order) is checked as well.
+    A group that calls this with its own rank and world checks every file once between them
+    (choose_resume); one process with the defaults checks them all."""
     loc = storage.locate(path)
     meta = read_meta(loc)
-    present = {c.name for c in loc.children()}
-    manifests = sorted(n for n in present if n.startswith("manifest_rank") and n.endswith(".json"))
+    sizes = _listing(loc)
+    manifests = sorted(n for n in sizes if n.startswith("manifest_rank") and n.endswith(".json"))
     if len(manifests) != meta["world_size"]:
         raise CheckpointError(f"checkpoint {loc.uri} is incomplete: {len(manifests)} of {meta['world_size']} "
                               "ranks' manifests")
+    wanted = {}
     for manifest in manifests:
         for name, want in json.loads(loc.join(manifest).read_text()).items():
-            if name not in present or _digest(loc.join(name)) != want:
+            if sizes.get(name) != want["bytes"]:
                 raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} is missing or differs from "
-                                      f"{manifest}")
+                                      f"{manifest} ({sizes.get(name)} bytes, recorded {want['bytes']})")
+            wanted[name] = (manifest, want)
+    if contents:
+        for name in sorted(wanted)[rank::world]:
+            manifest, want = wanted[name]
+            if _digest(loc.join(name)) != want:
+                raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} differs from {manifest}")
     return meta
 
 
-def choose_resume(latest: str | Path | Location, run_dir: str | Path | Location) -> Path | Location:
-    """`latest` if it is intact, else the newest intact older checkpoint of the run (with a
-    warning); the corrupt one is left in place for inspection."""
-    latest = storage.locate(latest)
+def _group() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def _agree(problem: str | None) -> str | None:
+    """The first problem any rank of the default group found (None if none did): every rank
+    decides alike."""
+    if not _distributed():
+        return problem
+    found: list = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p is not None), None)
+
+
+def _verified(path: Path | Location) -> str | None:
+    """None if `path` is intact, else the problem; verified jointly by the group (see verify)."""
+    rank, world = _group()
     try:
-        verify(latest)
-        return storage.native(latest)
+        verify(path, contents=True, rank=rank, world=world)
+        problem = None
     except CheckpointError as e:
         problem = str(e)
+    return _agree(problem)
+
+
+def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Location) -> Path | Location | None:
+    """`latest` if it is intact, else the newest intact older checkpoint of the run (with a
+    warning); the corrupt one is left in place for inspection. With `latest` None: the run's
+    newest intact checkpoint, or None. Called by every rank of a group at once (a collective
+    when torch.distributed is up): they share the hashing and reach the same answer."""
+    if latest is None:
+        for older in list_checkpoints(run_dir):
+            problem = _verified(older)
+            if problem is None:
+                return older
+            print(f"[raymoe] WARNING: {problem}; skipping it (left in place for inspection)", flush=True)
+        return None
+    latest = storage.locate(latest)
+    problem = _verified(latest)
+    if problem is None:
+        return storage.native(latest)
     for older in list_checkpoints(run_dir):
-        if older.name >= latest.name:
-            continue
-        try:
-            verify(older)
-        except CheckpointError:
+        if older.name >= latest.name or _verified(older) is not None:
             continue
         warnings.warn(f"{problem}; resuming from the previous intact checkpoint {older.name} instead", stacklevel=2)
         print(f"[raymoe] WARNING: {problem}; resuming from {older.name}", flush=True)
@@ -195,11 +251,11 @@ class _without_step_hooks:
             self.hooks.update(self.saved)
 
 
-def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
-    """Load model, optimizer and RNG into the live objects from a local checkpoint directory;
-    return the train state, or None for a weights-only checkpoint (`save_weights`: the model is
-    loaded, the run starts at step 0)."""
-    path = Path(path)
+def load(path: str | Path | Location, model: nn.Module, optimizer, model_cfg: Any, rank: int, world_size: int) -> dict:
+    """Load model, optimizer and RNG into the live objects from a checkpoint directory, local or
+    in a bucket (only the parts this rank holds are read); return the train state, or None for a
+    weights-only checkpoint (`save_weights`: the model is loaded, the run starts at step 0)."""
+    path = storage.native(storage.locate(path))
     meta = read_meta(path)
     check_model(meta, model_cfg, path)
     if meta.get("weights_only"):
@@ -218,16 +274,22 @@ def load(path: str | Path, model: nn.Module, optimizer, model_cfg: Any, rank: in
     merge_experts(layout, state["model"], state["optim"])
     with _without_step_hooks(optimizer):
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = torch.load(path / "train_state.pt", weights_only=True)
-    rng = path / f"rng_rank{rank}.pt"
-    if rng.is_file() and read_meta(path)["world_size"] == world_size:
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    train_state = _torch_load(path, "train_state.pt")
+    if meta["world_size"] == world_size and storage.locate(path).join(f"rng_rank{rank}.pt").is_file():
+        torch.set_rng_state(_torch_load(path, f"rng_rank{rank}.pt")["torch"])
     return train_state
 
 
-def load_model_weights(path: str | Path, model: nn.Module, model_cfg: Any) -> None:
-    """Model weights only, in one process, whatever layout wrote them (generation, export)."""
-    path = Path(path)
+def _torch_load(path: Path | Location, name: str) -> Any:
+    if isinstance(path, Path):
+        return torch.load(path / name, weights_only=True)
+    return torch.load(io.BytesIO(path.join(name).read_bytes()), weights_only=True)
+
+
+def load_model_weights(path: str | Path | Location, model: nn.Module, model_cfg: Any) -> None:
+    """Model weights only, in one process, whatever layout wrote them (generation, export); from a
+    bucket only the model's byte ranges are read, not the optimizer state."""
+    path = storage.native(storage.locate(path))
     check_model(read_meta(path), model_cfg, path)
     state = {"model": model.state_dict()}
     layout = split_experts(model, state["model"])
@@ -332,10 +394,84 @@ def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) ->
             optim_sd.setdefault("state", {})[fqn] = optim_state
 
 
-def dcp_load(state: dict, path: Path, no_dist: bool) -> None:
+class _ArrowFileSystem(FileSystemBase):
+    """DCP's file-system interface over the pyarrow filesystem of a checkpoint at `root`, for
+    reading only. `.metadata` comes in one GET (unpickling it makes many small reads); a shard
+    file is opened for random access (RemoteReader reads its items by range)."""
+
+    def __init__(self, root: Location):
+        self.root = root
+
+    def _loc(self, path) -> Location:
+        rel = str(path)[len(self.root.path.rstrip("/")) + 1:]
+        return self.root.join(rel)
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "rb":
+            raise NotImplementedError("checkpoints in a bucket are written by Ray Train, not through DCP here")
+        loc = self._loc(path)
+        if loc.name.endswith(".metadata"):
+            yield io.BytesIO(loc.read_bytes())
+            return
+        f = storage.retrying("open", loc, lambda: loc.fs.open_input_file(loc.path))
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def concat_path(self, path, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path) -> str:
+        return str(path)
+
+    def rename(self, path, new_path) -> None:
+        raise NotImplementedError
+
+    def mkdir(self, path) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return False  # chosen explicitly (dcp_load), never by guessing from an id
+
+    def exists(self, path) -> bool:
+        return self._loc(path).exists()
+
+    def rm_file(self, path) -> None:
+        raise NotImplementedError
+
+
+class RemoteReader(FileSystemReader):
+    """DCP's reader for a checkpoint in a bucket: each item this rank's plan needs is one ranged
+    GET of its bytes (retried on transient errors); nothing else of the shard files is read.
+    `bytes_read` counts those bytes."""
+
+    def __init__(self, loc: Location):
+        super().__init__(loc.path)
+        self.fs = _ArrowFileSystem(loc)
+        self.loc = loc
+        self.bytes_read = 0
+
+    def _slice_file(self, file, sinfo):
+        where = self.loc.join(sinfo.relative_path)
+        data = storage.retrying("read checkpoint", where, lambda: file.read_at(sinfo.length, sinfo.offset))
+        self.bytes_read += len(data)
+        return io.BytesIO(data)
+
+
+def dcp_load(state: dict, path: Path | Location, no_dist: bool) -> RemoteReader | None:
+    """DCP load of `state` from a checkpoint directory: files on disk, ranged reads from a bucket
+    (the reader is returned, for its byte count)."""
+    reader = None if isinstance(path, Path) else RemoteReader(path)
     # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        if reader is None:
+            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        else:
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
+        return reader
     except (Exception, CheckpointException) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} could not be read ({last}); it may be truncated or "
@@ -352,11 +488,12 @@ def list_checkpoints(run_dir: str | Path | Location) -> list[Path | Location]:
     return [storage.native(p) for p in sorted(found, key=lambda p: p.name, reverse=True)]
 
 
-def latest_complete(run_dir: str | Path | Location) -> Path | Location | None:
-    """The newest intact checkpoint of `run_dir` (every file, sizes and checksums), or None."""
+def latest_complete(run_dir: str | Path | Location, contents: bool = True) -> Path | Location | None:
+    """The newest intact checkpoint of `run_dir` (every file at its size; with `contents`, and
+    its checksum: this process reads the whole checkpoint), or None."""
     for p in list_checkpoints(run_dir):
         try:
-            verify(p)
+            verify(p, contents=contents)
             return p
         except CheckpointError as e:
             print(f"[raymoe] WARNING: {e}; skipping it (left in place for inspection)", flush=True)

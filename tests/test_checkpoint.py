@@ -116,3 +116,106 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_intact_one(tmp_pat
     (tmp_path / checkpoint.dir_name(2) / "manifest_rank0.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="no older intact checkpoint"):
         checkpoint.choose_resume(latest, tmp_path)
+
+
+def test_a_truncated_file_fails_the_size_check_that_the_driver_makes(tmp_path):
+    model, opt, sched = fresh()
+    for step in (2, 4):
+        save(tmp_path / checkpoint.dir_name(step), model, opt, sched, step)
+    latest = tmp_path / checkpoint.dir_name(4)
+    shard = next(latest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(checkpoint.CheckpointError, match=r"__0_0.distcp is missing or differs .*recorded"):
+        checkpoint.verify(latest, contents=False)
+    assert checkpoint.latest_complete(tmp_path, contents=False) == tmp_path / checkpoint.dir_name(2)
+
+
+def _state(model, opt):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        k: ({n: t.clone() if torch.is_tensor(t) else t for n, t in v.items()} if isinstance(v, dict) else v)
+        for k, v in opt.state_dict()["state"].items()}
+
+
+def test_a_checkpoint_in_a_bucket_loads_by_range_the_same_as_from_disk(tmp_path, s3, monkeypatch):
+    """No download: each item is a ranged GET (retried through 2 connection resets), and a
+    model-only load reads the model's bytes, not the optimizer state (2/3 of the shard bytes)."""
+    from cluster.data import storage
+    from tests.storage_server import BUCKET
+
+    model, opt, sched = fresh()
+    train(model, opt, sched, global_batches(2))
+    local = tmp_path / checkpoint.dir_name(2)
+    save(local, model, opt, sched, 2)
+    remote = storage.locate(f"s3://{BUCKET}/ckpt-by-range/{checkpoint.dir_name(2)}")
+    for f in local.iterdir():
+        remote.join(f.name).write_bytes(f.read_bytes())
+    from_disk, from_bucket = fresh(seed=1), fresh(seed=2)
+    state_disk = checkpoint.load(local, from_disk[0], from_disk[1], CFG, 0, 1)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.proxy.endpoint)
+    s3.proxy.clear()
+    s3.proxy.arm("reset", 2, match=".distcp", method="GET")
+    retries = storage.STATS.retries
+    state_bucket = checkpoint.load(storage.locate(remote.uri), from_bucket[0], from_bucket[1], CFG, 0, 1)
+    assert s3.proxy.injected == {"reset": 2} and storage.STATS.retries - retries == 2
+    s3.proxy.clear()
+    assert state_bucket["step"] == state_disk["step"] == 2
+    (m_disk, o_disk), (m_bucket, o_bucket) = _state(*from_disk[:2]), _state(*from_bucket[:2])
+    assert m_disk.keys() == m_bucket.keys() and o_disk.keys() == o_bucket.keys() and len(o_disk) > 0
+    for k in m_disk:
+        assert torch.equal(m_disk[k], m_bucket[k]), k
+    for k in o_disk:
+        for n in o_disk[k]:
+            assert torch.equal(torch.as_tensor(o_disk[k][n]), torch.as_tensor(o_bucket[k][n])), (k, n)
+
+    torch.manual_seed(3)
+    only_model = archs.build(CFG)
+    state = {"model": only_model.state_dict()}
+    reader = checkpoint.dcp_load(state, storage.locate(remote.uri), no_dist=True)
+    shards = sum(f.stat().st_size for f in local.glob("*.distcp"))
+    assert 0.25 * shards < reader.bytes_read < 0.45 * shards
+    for k, v in state["model"].items():
+        assert torch.equal(v, m_disk[k]), k
+
+
+def _verify_share(rank, world, run_dir, out):
+    """Rank `rank` of a group resuming from a run whose latest checkpoint has one flipped byte."""
+    from pathlib import Path
+
+    hashed = []
+    real = checkpoint._digest
+    checkpoint._digest = lambda loc: hashed.append(str(Path(str(loc.path)).relative_to(run_dir))) or real(loc)
+    try:
+        with pytest.warns(UserWarning, match="previous intact checkpoint checkpoint_00000002"):
+            chosen = checkpoint.choose_resume(Path(run_dir) / checkpoint.dir_name(4), run_dir)
+    finally:
+        checkpoint._digest = real
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"chosen": Path(chosen).name, "hashed": hashed}))
+
+
+@pytest.mark.multiproc
+def test_a_resuming_group_hashes_each_file_once_between_its_ranks_and_agrees(tmp_path):
+    """At 64 ranks every rank hashing the whole checkpoint would read it 64 times: each rank
+    hashes every world-th file, and the rank that finds the corrupt one tells the others."""
+    from tests import ranks
+
+    model, opt, sched = fresh()
+    run = tmp_path / "run"
+    for step in (2, 4):
+        save(run / checkpoint.dir_name(step), model, opt, sched, step)
+    latest = run / checkpoint.dir_name(4)
+    listed = sorted(json.loads((latest / "manifest_rank0.json").read_text()))
+    # The flipped file is the one rank 1 hashes: rank 0 finds nothing wrong in its own share.
+    victim = latest / listed[1]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    ranks.run(_verify_share, 2, str(run), str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["chosen"] for g in got] == [checkpoint.dir_name(2)] * 2
+    older, newer = checkpoint.dir_name(2), checkpoint.dir_name(4)
+    # The older checkpoint: each rank hashed every other file, together each file once.
+    assert [[h for h in g["hashed"] if h.startswith(older)] for g in got] == [
+        [f"{older}/{n}" for n in listed[0::2]], [f"{older}/{n}" for n in listed[1::2]]]
+    # The latest: rank 0 found its share intact; rank 1 stopped at the flipped file, and both moved on.
+    assert [[h for h in g["hashed"] if h.startswith(newer)] for g in got] == [
+        [f"{newer}/{n}" for n in listed[0::2]], [f"{newer}/{listed[1]}"]]

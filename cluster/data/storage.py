@@ -323,7 +323,8 @@ def upload(src: Path, loc: Location, skip: tuple[str, ...] = ()) -> None:
 @contextlib.contextmanager
 def local_copy(loc: Location | str | Path) -> Iterator[Path]:
     """`loc` as a local directory: itself if local, else a temporary download (removed after).
-    NOTE: a remote checkpoint is downloaded whole; DCP then reads only the shards it needs."""
+    Training and model loads read checkpoints by range instead (checkpoint.RemoteReader); this is
+    for readers of local files only (accelerate's offloaded load)."""
     loc = locate(loc)
     if loc.is_local:
         yield Path(loc.path)

@@ -33,17 +33,17 @@ def load_run(run_dir: str | Path, step: int | None = None, model_cfg=None, max_m
     if model_cfg is not None:
         checkpoint.check_model(meta, model_cfg, ckpt)
     model_cfg = model_from_dict(meta["model"])
-    # NOTE: a checkpoint in a bucket is downloaded to a temporary directory for the load (DCP
-    # reads local files) and removed after; the weights then live in memory (or offload_dir).
-    with storage.local_copy(ckpt) as local:
-        if max_memory_bytes is not None:
-            from cluster.deploy.serving import load_offloaded
+    if max_memory_bytes is not None:
+        from cluster.deploy.serving import load_offloaded
 
-            if offload_dir is None:
-                raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
+        if offload_dir is None:
+            raise ValueError("offload_dir: needed with max_memory_bytes (where the offloaded weights go)")
+        # NOTE: accelerate's offload reads local files: a checkpoint in a bucket is downloaded
+        # to a temporary directory for it, and removed after.
+        with storage.local_copy(ckpt) as local:
             model = load_offloaded(local, model_cfg, max_memory_bytes, offload_dir)
-        else:
-            model = archs.build(model_cfg)
-            checkpoint.load_model_weights(local, model, model_cfg)
+    else:
+        model = archs.build(model_cfg)
+        checkpoint.load_model_weights(ckpt, model, model_cfg)  # from a bucket: the model's byte ranges only
     tok = run.join("tokenizer")
     return model.eval(), load_tokenizer(tok.path if tok.is_local else tok.uri) if tokenizer else None, ckpt

@@ -59,7 +59,9 @@ def new_run_name(job: JobConfig) -> str:
 
 def check_resume(run_dir: Path | Location, job: JobConfig) -> Path | Location | None:
     """The checkpoint a rerun would resume from, after checking it fits this model."""
-    latest = checkpoint.latest_complete(run_dir)
+    # Sizes only: the workers verify the checksums between them when they resume (the driver
+    # alone would read the whole checkpoint).
+    latest = checkpoint.latest_complete(run_dir, contents=False)
     if latest is not None:
         checkpoint.check_model(checkpoint.read_meta(latest), job.model, latest)
     return latest

@@ -81,14 +81,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Checked where it is stored (a shared path or the bucket): Ray's latest, or an older intact
     # one if that one is damaged; with none registered, the run's newest intact one (a group that
     # failed right after a save may restart before Ray registered it).
-    if resumed is not None:
-        ckpt_dir = checkpoint.choose_resume(run_dir.join(Path(resumed.path).name), run_dir)
-    else:
-        ckpt_dir = checkpoint.latest_complete(run_dir)
+    # Every rank at once: they verify the checkpoint between them (each hashes 1/world of its files)
+    # and agree; then each reads only its own part of it, from disk or by range from the bucket.
+    latest = run_dir.join(Path(resumed.path).name) if resumed is not None else None
+    ckpt_dir = checkpoint.choose_resume(latest, run_dir)
     state = None
     if ckpt_dir is not None:
-        with storage.local_copy(ckpt_dir) as local:
-            state = checkpoint.load(local, model, optimizer, job.model, rank, world)
+        state = checkpoint.load(ckpt_dir, model, optimizer, job.model, rank, world)
     if state is not None:
         step = state["step"]
         scheduler.load_state_dict(state["scheduler"])
