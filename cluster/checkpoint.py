@@ -24,7 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -396,15 +399,32 @@ def merge_experts(layout: dict, model_sd: dict, optim_sd: dict | None = None) ->
 
 class _ArrowFileSystem(FileSystemBase):
     """DCP's file-system interface over the pyarrow filesystem of a checkpoint at `root`, for
-    reading only. `.metadata` comes in one GET (unpickling it makes many small reads); a shard
-    file is opened for random access (RemoteReader reads its items by range)."""
+    reading only. `.metadata` comes in one GET (unpickling it makes many small reads). A shard
+    file is opened once for random access and kept open for the reader's ranged reads."""
 
     def __init__(self, root: Location):
         self.root = root
+        self.files: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _rel(self, path) -> str:
+        return str(path)[len(self.root.path.rstrip("/")) + 1:]
 
     def _loc(self, path) -> Location:
-        rel = str(path)[len(self.root.path.rstrip("/")) + 1:]
-        return self.root.join(rel)
+        return self.root.join(self._rel(path))
+
+    def open(self, rel: str):
+        """The shard file `rel`, opened once (pyarrow's ReadAt is thread-safe)."""
+        with self._lock:
+            if rel not in self.files:
+                loc = self.root.join(rel)
+                self.files[rel] = storage.retrying("open", loc, lambda: loc.fs.open_input_file(loc.path))
+            return self.files[rel]
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
 
     @contextmanager
     def create_stream(self, path, mode: str):
@@ -413,12 +433,8 @@ class _ArrowFileSystem(FileSystemBase):
         loc = self._loc(path)
         if loc.name.endswith(".metadata"):
             yield io.BytesIO(loc.read_bytes())
-            return
-        f = storage.retrying("open", loc, lambda: loc.fs.open_input_file(loc.path))
-        try:
-            yield f
-        finally:
-            f.close()
+        else:
+            yield self.open(self._rel(path))
 
     def concat_path(self, path, suffix: str) -> str:
         return f"{str(path).rstrip('/')}/{suffix}"
@@ -444,27 +460,73 @@ class _ArrowFileSystem(FileSystemBase):
 
 
 class RemoteReader(FileSystemReader):
-    """DCP's reader for a checkpoint in a bucket: each item this rank's plan needs is one ranged
-    GET of its bytes (retried on transient errors); nothing else of the shard files is read.
-    `bytes_read` counts those bytes."""
+    """DCP's reader for a checkpoint in a bucket. Each item this rank's load plan needs is one
+    ranged GET of its bytes, retried on transient errors. Nothing else of the shard files is read.
+    Up to `threads` GETs run ahead of DCP's (sequential) decoding, with at most `ahead_bytes` in
+    flight: at an object store's ~20-50 ms per request, one at a time would dominate the load.
+    `bytes_read` counts the bytes, `requests` the GETs."""
 
-    def __init__(self, loc: Location):
+    def __init__(self, loc: Location, threads: int = 16, ahead_bytes: int = 256 << 20):
         super().__init__(loc.path)
         self.fs = _ArrowFileSystem(loc)
         self.loc = loc
-        self.bytes_read = 0
+        self.threads, self.ahead_bytes = max(1, threads), ahead_bytes
+        self.bytes_read = self.requests = 0
+        self._todo: deque[tuple[str, int, int]] = deque()
+        self._ahead: dict[tuple[str, int, int], Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _fetch(self, key: tuple[str, int, int]) -> bytes:
+        rel, offset, length = key
+        f = self.fs.open(rel)
+        return storage.retrying("read checkpoint", self.loc.join(rel), lambda: f.read_at(length, offset))
+
+    def _top_up(self) -> None:
+        flying = sum(k[2] for k in self._ahead)
+        while self._todo and len(self._ahead) < 2 * self.threads and (not self._ahead or flying < self.ahead_bytes):
+            key = self._todo.popleft()
+            if key not in self._ahead:
+                self._ahead[key] = self._pool.submit(self._fetch, key)
+                flying += key[2]
+
+    def read_data(self, plan, planner):
+        # The items in plan order, which is the order DCP's loop asks for them (another order would
+        # still be correct: a key not fetched ahead is read when it is asked for).
+        by_file: dict[str, list] = {}
+        for item in plan.items:
+            md = self.storage_data[item.storage_index]
+            by_file.setdefault(md.relative_path, []).append((md.relative_path, md.offset, md.length))
+        self._todo = deque(k for keys in by_file.values() for k in keys)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="raymoe-ckpt-read") as pool:
+            self._pool = pool
+            try:
+                self._top_up()
+                return super().read_data(plan, planner)
+            finally:
+                for fut in self._ahead.values():
+                    fut.cancel()
+                self._ahead.clear()
+                self._pool = None
+                self.fs.close()
 
     def _slice_file(self, file, sinfo):
-        where = self.loc.join(sinfo.relative_path)
-        data = storage.retrying("read checkpoint", where, lambda: file.read_at(sinfo.length, sinfo.offset))
+        key = (sinfo.relative_path, sinfo.offset, sinfo.length)
+        fut = self._ahead.pop(key, None)
+        data = fut.result() if fut is not None else self._fetch(key)
+        self._top_up()
         self.bytes_read += len(data)
+        self.requests += 1
         return io.BytesIO(data)
+
+
+READ_THREADS = 16
+"""Ranged GETs a RemoteReader keeps in flight."""
 
 
 def dcp_load(state: dict, path: Path | Location, no_dist: bool) -> RemoteReader | None:
     """DCP load of `state` from a checkpoint directory: files on disk, ranged reads from a bucket
     (the reader is returned, for its byte count)."""
-    reader = None if isinstance(path, Path) else RemoteReader(path)
+    reader = None if isinstance(path, Path) else RemoteReader(path, threads=READ_THREADS)
     # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
     try:
         if reader is None:

@@ -1,10 +1,14 @@
-"""Training data from an S3 API vs local disk: shard read throughput, training tokens/s of
-`moe_small` with the shard prefetch on and off, with the stalls waiting for data, and the seconds
-to open a dataset of many shards (the driver's footer check, serial and threaded, vs a worker's).
+"""Training data and checkpoints from an S3 API vs local disk: shard read throughput, training
+tokens/s of `moe_small` with the shard prefetch on and off, with the stalls waiting for data
+(`--parts train`); the seconds to open a dataset of many shards, the driver's footer check serial
+and threaded vs a worker's (`startup`); loading the model + AdamW state from the bucket, downloaded
+whole vs by range (`checkpoint`). The last two go through a proxy adding `--latency-ms` to each
+request.
 
     python -m jobs.bench storage                 # moto's S3 server on 127.0.0.1 (needs the dev extra)
     python -m jobs.bench storage --repeats 5 --steps 12 --out storage.json
     python -m jobs.bench storage --config moe_debug  # a smaller model, for a busy machine
+    python -m jobs.bench storage --parts checkpoint --repeats 1
 
 The S3 server is moto (`moto[server]`, in-memory) in a process of its own, so its request
 handling does not share this process's interpreter; credentials are fake and local. The same
@@ -141,6 +145,72 @@ def startup_checks(uri: str, repeats: int) -> dict:
     return {k: statistics.median(v) for k, v in seconds.items()}
 
 
+def checkpoint_loads(job, uri: str, repeats: int, read_endpoint: str | None = None) -> dict:
+    """Seconds, bytes and requests to load the job's model and AdamW state (after one step) from a
+    checkpoint in the bucket at `uri`, the ways there are (median of `repeats`, interleaved):
+    downloaded whole first (what loads did before), by range one GET at a time, by range with
+    READ_THREADS in flight (what they do), and the model alone by range (jobs.generate/export)."""
+    import archs
+    from cluster import checkpoint
+    from cluster.data import storage
+    from cluster.train.optim import build_optimizer
+
+    def fresh():
+        torch.manual_seed(0)
+        model = archs.build(job.model)
+        return model, build_optimizer(model, 1e-3, 0.0, (0.9, 0.95))
+
+    model, opt = fresh()
+    with tempfile.TemporaryDirectory(prefix="raymoe-bench-ckpt-") as tmp:
+        model(torch.zeros(1, 8, dtype=torch.long)).float().mean().backward()
+        opt.step()  # AdamW state exists: the checkpoint is model + 2 moments
+        local = Path(tmp) / checkpoint.dir_name(1)
+        checkpoint.save(local, model, opt, {"step": 1}, job.model, 0, 1)
+        remote = storage.locate(uri).join(checkpoint.dir_name(1))
+        for f in local.iterdir():
+            remote.join(f.name).write_bytes(f.read_bytes())
+        shard_bytes = sum(f.stat().st_size for f in local.glob("*.distcp"))
+
+    def downloaded():
+        m, o = fresh()
+        with storage.local_copy(remote) as copy:
+            checkpoint.load(copy, m, o, job.model, 0, 1)
+        return {"bytes": sum(size for _, size in remote.files()), "requests": None}
+
+    def ranged(threads: int, model_only: bool = False):
+        checkpoint.READ_THREADS, saved = threads, checkpoint.READ_THREADS
+        readers = []
+        real = checkpoint.dcp_load
+        checkpoint.dcp_load = lambda *a, **k: readers.append(real(*a, **k)) or readers[-1]
+        try:
+            m, o = fresh()
+            if model_only:
+                checkpoint.load_model_weights(remote, m, job.model)
+            else:
+                checkpoint.load(remote, m, o, job.model, 0, 1)
+        finally:
+            checkpoint.dcp_load, checkpoint.READ_THREADS = real, saved
+        return {"bytes": readers[-1].bytes_read, "requests": readers[-1].requests}
+
+    from cluster.checkpoint import READ_THREADS
+
+    if read_endpoint:  # the loads go through the latency proxy (the upload above did not)
+        os.environ["AWS_ENDPOINT_URL"] = read_endpoint
+        remote = storage.locate(remote.uri)
+    ways = {"downloaded_whole": downloaded, "by_range_1_thread": lambda: ranged(1),
+            f"by_range_{READ_THREADS}_threads": lambda: ranged(READ_THREADS),
+            f"model_only_by_range_{READ_THREADS}_threads": lambda: ranged(READ_THREADS, True)}
+    runs = {k: [] for k in ways}
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            t0 = time.perf_counter()
+            r = fn()
+            runs[name].append({**r, "seconds": time.perf_counter() - t0})
+    return {"shard_bytes": shard_bytes, "ways": {k: {"seconds": statistics.median(r["seconds"] for r in v),
+                                                     "bytes": v[0]["bytes"], "requests": v[0]["requests"]}
+                                                 for k, v in runs.items()}}
+
+
 def train_run(job, uri: str, prefetch: bool, steps: int) -> dict:
     """`steps` optimizer steps of the job's model on data at `uri`, one process."""
     import archs
@@ -186,7 +256,10 @@ def main(argv=None, from_cli: bool = False) -> int:
     p.add_argument("--latency-ms", type=float, default=20.0,
                    help="time to first byte added to each request while opening it (default: 20, an object "
                         "store's; moto alone answers in a few ms, one request at a time)")
-    p.add_argument("--startup-only", action="store_true", help="only time the opening (no reads, no training)")
+    p.add_argument("--parts", nargs="+", choices=("train", "startup", "checkpoint"),
+                   default=["train", "startup", "checkpoint"],
+                   help="what to measure: shard reads and training, the opening of a many-shard dataset, "
+                        "checkpoint loads from the bucket (default: all three)")
     p.add_argument("--config", default="moe_small",
                    help="model/batch config trained (default: moe_small; moe_debug for a quick look on a busy CPU)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
@@ -222,7 +295,7 @@ def main(argv=None, from_cli: bool = False) -> int:
             print(f"[bench storage] dataset: {meta.num_train} train rows of {seq_len + 1} tokens in "
                   f"{len(meta.shards['train'])} shards, on disk and in s3://{BUCKET} ({endpoint})", flush=True)
             startup = None
-            if args.startup_shards:
+            if args.startup_shards and "startup" in args.parts:
                 # Rows of 17 tokens, 2 per shard: the footers, not the bytes, are what is timed.
                 rng = random.Random(0)  # a document of 8 words is about 3 rows of 17 bytes
                 words = [" ".join(rng.choice(("expert", "router", "token", "shard")) for _ in range(8))
@@ -246,7 +319,18 @@ def main(argv=None, from_cli: bool = False) -> int:
             job = resolve(job)
             reads = {k: [] for k in sources}
             runs = {(k, pf): [] for k in sources for pf in (True, False)}
-            for rnd in range(0 if args.startup_only else args.repeats):
+            ckpt = None
+            if "checkpoint" in args.parts:
+                proxy = LatencyProxy(endpoint, args.latency_ms / 1e3) if args.latency_ms > 0 else None
+                try:
+                    ckpt = checkpoint_loads(job, f"s3://{BUCKET}/ckpt", args.repeats, proxy and proxy.endpoint)
+                finally:
+                    os.environ["AWS_ENDPOINT_URL"] = endpoint
+                    if proxy:
+                        proxy.close()
+                print(f"[bench storage] {args.config} checkpoint from s3://{BUCKET} (+{args.latency_ms:g} ms per "
+                      "request): " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in ckpt["ways"].items()), flush=True)
+            for rnd in range(args.repeats if "train" in args.parts else 0):
                 for name, uri in sources.items():
                     r = read_throughput(uri)
                     reads[name].append(r)
@@ -265,7 +349,7 @@ def main(argv=None, from_cli: bool = False) -> int:
         return statistics.median(r[key] for r in rs)
 
     table = []
-    if not args.startup_only:
+    if "train" in args.parts:
         disk_on = med(runs[("disk", True)], "tokens_per_s")
         table = [{"source": name, "prefetch": pf, "tokens_per_s": med(rs, "tokens_per_s"),
                   "vs_disk_prefetch": med(rs, "tokens_per_s") / disk_on - 1,
@@ -286,7 +370,13 @@ def main(argv=None, from_cli: bool = False) -> int:
               "each shard as it reads it):")
         for k, v in startup["seconds"].items():
             print(f"  {k:26s} {v:7.2f} s")
-    result = {"startup": startup, "reads": {k: {"mb_per_s_median": med(v, "mb_per_s"), "runs": v} for k, v in reads.items() if v},
+    if ckpt:
+        print(f"\nloading {args.config} + AdamW state ({ckpt['shard_bytes'] / 2**20:.1f} MiB of shards) from the "
+              f"bucket, +{args.latency_ms:g} ms per request (median of {args.repeats}):")
+        print(f"  {'way':36s} {'seconds':>8s} {'MiB read':>9s} {'GETs':>6s}")
+        for k, v in ckpt["ways"].items():
+            print(f"  {k:36s} {v['seconds']:8.2f} {v['bytes'] / 2**20:9.1f} {v['requests'] or '-':>6}")
+    result = {"checkpoint": ckpt, "startup": startup, "reads": {k: {"mb_per_s_median": med(v, "mb_per_s"), "runs": v} for k, v in reads.items() if v},
               "training": table, "runs": {f"{k}-{'prefetch' if pf else 'no-prefetch'}": v for (k, pf), v in runs.items()},
               "steps": args.steps, "rows_per_shard": args.rows_per_shard, "repeats": args.repeats,
               "threads": args.threads, "config": args.config, "endpoint": "moto server on 127.0.0.1"}
