@@ -194,6 +194,56 @@ def test_checkpoint_reshards_between_ep1_and_ep2(tmp_path):
     np.testing.assert_allclose(ep_losses + tail, straight[3:], rtol=0, atol=1e-4)
 
 
+def _bucket_ckpt_worker(rank, world, cfg, data, uri, env, out):
+    """_ckpt_worker's resume, from a checkpoint in the bucket, counting what this rank read."""
+    import os
+
+    os.environ.update(env)
+    reads = []
+    real = checkpoint.dcp_load
+    checkpoint.dcp_load = lambda *a, **k: reads.append(real(*a, **k)) or reads[-1]
+    groups = build_groups(ParallelDims.build(world, 2, cfg.moe.num_experts), rank)
+    model = build(cfg, seed=99)
+    apply_expert_parallel(model, groups)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    checkpoint.load(uri, model, opt, cfg, rank, world)
+    checkpoint.dcp_load = real
+    ddp = apply_data_parallel(model, CPU)
+    losses = [train_step(ddp, ArrayLM(), [data[s][rank]], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
+              for s in range(3, 6)]
+    torch.save({"losses": losses, "bytes": reads[0].bytes_read}, f"{out}/rank{rank}.pt")
+
+
+def test_ep2_resumes_from_a_bucket_each_rank_reading_only_its_own_experts(tmp_path, s3):
+    """The EP=2 resume of the test above, from a checkpoint in the bucket (moto): the same losses
+    as the straight run, and each rank reads its half of the experts by range, not the checkpoint."""
+    from cluster.data import storage
+    from tests.storage_server import BUCKET
+
+    cfg = model_cfg(capacity_factor=1.0)
+    data = rank_batches(2, steps=6)
+    model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    straight = [train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
+                for s in range(6)]
+    model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for s in range(3):
+        train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0)
+    local = tmp_path / "ep1"
+    checkpoint.save(local, model, opt, {"step": 3}, cfg, 0, 1)
+    remote = storage.locate(f"s3://{BUCKET}/ep-resume/{checkpoint.dir_name(3)}")
+    for f in local.iterdir():
+        remote.join(f.name).write_bytes(f.read_bytes())
+    spawn(_bucket_ckpt_worker, 2, cfg, data, remote.uri, s3.env, str(tmp_path))
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    np.testing.assert_allclose(got[0]["losses"], straight[3:], rtol=0, atol=1e-4)
+    shards = sum(f.stat().st_size for f in local.glob("*.distcp"))
+    experts = sum(p.numel() * p.element_size() * 3 for n, p in model.named_parameters() if ".experts." in n)
+    for g in got:  # all of the dense part and half of the experts (weights and both AdamW moments)
+        assert g["bytes"] < shards - 0.4 * experts, (g["bytes"], shards, experts)
+
+
 def _stats_worker(rank, world, out):
     from moe.layer import MoELayer
     from moe.stats import finish_step
