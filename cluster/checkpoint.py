@@ -149,10 +149,14 @@ def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, wo
     loc = storage.locate(path)
     meta = read_meta(loc)
     sizes = _listing(loc)
-    manifests = sorted(n for n in sizes if n.startswith("manifest_rank") and n.endswith(".json"))
-    if len(manifests) != meta["world_size"]:
-        raise CheckpointError(f"checkpoint {loc.uri} is incomplete: {len(manifests)} of {meta['world_size']} "
-                              "ranks' manifests")
+    # The manifests of the ranks that wrote it (meta.json's world size). Others are left from an
+    # earlier save of the same step by more workers (a resume from an older checkpoint re-saves
+    # it into the same directory) and are ignored, with the files only they list.
+    manifests = [f"manifest_rank{r}.json" for r in range(meta["world_size"])]
+    missing = [m for m in manifests if m not in sizes]
+    if missing:
+        raise CheckpointError(f"checkpoint {loc.uri} is incomplete: {len(manifests) - len(missing)} of "
+                              f"{meta['world_size']} ranks' manifests (missing {', '.join(missing[:4])})")
     wanted = {}
     for manifest in manifests:
         for name, want in json.loads(loc.join(manifest).read_text()).items():

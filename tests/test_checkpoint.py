@@ -219,3 +219,19 @@ def test_a_resuming_group_hashes_each_file_once_between_its_ranks_and_agrees(tmp
     # The latest: rank 0 found its share intact; rank 1 stopped at the flipped file, and both moved on.
     assert [[h for h in g["hashed"] if h.startswith(newer)] for g in got] == [
         [f"{newer}/{n}" for n in listed[0::2]], [f"{newer}/{listed[1]}"]]
+
+
+def test_a_step_saved_again_by_fewer_workers_verifies_without_the_earlier_ranks_files(tmp_path):
+    """A run that fell back to an older checkpoint re-saves a step into the directory an earlier
+    save of it by 3 workers used: their extra manifests and shards are left over, not missing."""
+    model, opt, sched = fresh()
+    path = tmp_path / checkpoint.dir_name(4)
+    save(path, model, opt, sched, 4)
+    for r in (1, 2):  # what ranks 1 and 2 of the earlier 3-worker save left there
+        (path / f"__{r}_0.distcp").write_bytes(b"stale")
+        (path / f"manifest_rank{r}.json").write_text(json.dumps({f"__{r}_0.distcp": {"bytes": 1, "sha256": "0"}}))
+    assert checkpoint.verify(path)["world_size"] == 1
+    assert checkpoint.latest_complete(tmp_path) == path
+    (path / "manifest_rank0.json").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"incomplete: 0 of 1 ranks' manifests \(missing manifest_rank0.json\)"):
+        checkpoint.verify(path)
