@@ -207,6 +207,8 @@ def test_report_writes_pngs_and_rejects_a_run_without_metrics(tmp_path):
     ("NVIDIA H100 80GB HBM3", "H100 SXM", 989), ("NVIDIA H100 PCIe", "H100 PCIe", 756),
     ("NVIDIA H100 NVL", "H100 NVL", 835), ("NVIDIA H200", "H200", 989), ("NVIDIA H200 NVL", "H200 NVL", 835),
     ("NVIDIA B200", "B200", 2250), ("NVIDIA GB200", "GB200", 2500),
+    ("NVIDIA H800", "H800", 989), ("NVIDIA H800 PCIe", "H800 PCIe", 756), ("NVIDIA A800-SXM4-80GB", "A800", 312),
+    ("NVIDIA L40S", "L40S", 362), ("NVIDIA L4", "L4", 121),
 ])
 def test_mfu_peak_comes_from_the_datasheet_table_by_device_name(device_name, entry, tflops):
     from cluster.train.metrics import known_accelerator, peak_flops

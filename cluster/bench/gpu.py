@@ -40,8 +40,6 @@ PARTS = "abcdef"
 # NOTE: a copy of the main table's bf16 figures (cluster.train.metrics.ACCELERATORS), kept here
 # because that module imports prometheus_client and pyarrow, which the lent GPU machine lacks;
 # keep the two in step by hand.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                   "L40S": 362e12, "L4": 121e12, "B200": 2250e12, "GB200": 2500e12}
 
 FULL = {
     "kernel_shapes": {"coarse": dict(tokens=16384, d_model=1024, num_experts=8, top_k=2, expert_hidden=1024),
@@ -94,10 +92,12 @@ def device_peak(device: torch.device) -> tuple[float | None, str]:
     """(peak dense bf16 FLOP/s, where it came from) for the MFU denominator."""
     if device.type != "cuda":
         return None, f"no peak table entry for {device.type}"
+    from cluster.train.metrics import known_accelerator  # the one table the training MFU uses too
+
     name = torch.cuda.get_device_name(device)
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_FLOPS[key], f"{name}: {key} dense bf16 datasheet peak"
+    entry = known_accelerator(name)
+    if entry is not None:
+        return entry.bf16_dense_flops, f"{name}: {entry.name} dense bf16 datasheet peak ({entry.source})"
     return None, f"{name} is not in the peak table"
 
 

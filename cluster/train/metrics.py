@@ -235,9 +235,14 @@ class Accelerator:
 # and NVL cards before the SXM part (whose device name is "NVIDIA H100 80GB HBM3").
 ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("A100", ("A100",), 312e12, "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS (624 sparse)"),
+    Accelerator("A800", ("A800",), 312e12, "NVIDIA A800 datasheet: BF16 312 TFLOPS (624 sparse), as the A100"),
+    Accelerator("L40S", ("L40S",), 362e12, "NVIDIA L40S datasheet: BF16 733 TFLOPS sparse"),
+    Accelerator("L4", ("L4",), 121e12, "NVIDIA L4 datasheet: BF16 242 TFLOPS sparse"),
     Accelerator("H100 PCIe", ("H100", "PCIE"), 756e12, "NVIDIA H100 datasheet: H100 PCIe BF16 1,513 TFLOPS sparse"),
     Accelerator("H100 NVL", ("H100", "NVL"), 835e12, "NVIDIA H100 datasheet: H100 NVL BF16 1,671 TFLOPS sparse"),
     Accelerator("H100 SXM", ("H100",), 989e12, "NVIDIA H100 datasheet: H100 SXM BF16 1,979 TFLOPS sparse"),
+    Accelerator("H800 PCIe", ("H800", "PCIE"), 756e12, "NVIDIA H800 datasheet: H800 PCIe BF16 1,513 TFLOPS sparse"),
+    Accelerator("H800", ("H800",), 989e12, "NVIDIA H800 datasheet: H800 SXM BF16 1,979 TFLOPS sparse"),
     Accelerator("H200 NVL", ("H200", "NVL"), 835e12, "NVIDIA H200 datasheet: H200 NVL BF16 1,671 TFLOPS sparse"),
     Accelerator("H200", ("H200",), 989e12, "NVIDIA H200 datasheet: H200 SXM BF16 1,979 TFLOPS sparse"),
     Accelerator("GB200", ("GB200",), 2.5e15, "NVIDIA GB200 NVL72 datasheet: FP16/BF16 360 PFLOPS sparse per 72 GPUs"),
