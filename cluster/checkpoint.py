@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import pickle
 import threading
 import warnings
 from collections import deque
@@ -207,7 +208,8 @@ def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Lo
             problem = _verified(older)
             if problem is None:
                 return older
-            print(f"[raymoe] WARNING: {problem}; skipping it (left in place for inspection)", flush=True)
+            if _group()[0] == 0:  # every rank knows it; one says it
+                print(f"[raymoe] WARNING: {problem}; skipping it (left in place for inspection)", flush=True)
         return None
     latest = storage.locate(latest)
     problem = _verified(latest)
@@ -217,7 +219,8 @@ def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Lo
         if older.name >= latest.name or _verified(older) is not None:
             continue
         warnings.warn(f"{problem}; resuming from the previous intact checkpoint {older.name} instead", stacklevel=2)
-        print(f"[raymoe] WARNING: {problem}; resuming from {older.name}", flush=True)
+        if _group()[0] == 0:
+            print(f"[raymoe] WARNING: {problem}; resuming from {older.name}", flush=True)
         return older
     raise CheckpointError(f"{problem}, and the run has no older intact checkpoint")
 
@@ -463,7 +466,42 @@ class _ArrowFileSystem(FileSystemBase):
         raise NotImplementedError
 
 
-class RemoteReader(FileSystemReader):
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` allowing only what DCP writes there (its metadata dataclasses
+    and enums, `_StorageInfo`, torch dtypes, sizes and layouts, paths). DCP's own reader
+    unpickles it with plain `pickle.load`, which runs any code a poisoned file asks for."""
+
+    def find_class(self, module: str, name: str):
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        allowed = (module == dcp_metadata.__name__
+                   or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                                         ("torch", "Size"), ("torch.serialization", "_get_layout"),
+                                         ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                                         ("collections", "OrderedDict")}
+                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not something DCP writes into .metadata; refusing to "
+                                         "load it (a poisoned or foreign checkpoint)")
+        return super().find_class(module, name)
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file-system reader with `.metadata` read by `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class RemoteReader(SafeReader):
     """DCP's reader for a checkpoint in a bucket. Each item this rank's load plan needs is one
     ranged GET of its bytes, retried on transient errors. Nothing else of the shard files is read.
     Up to `threads` GETs run ahead of DCP's (sequential) decoding, with at most `ahead_bytes` in
@@ -530,14 +568,11 @@ READ_THREADS = 16
 def dcp_load(state: dict, path: Path | Location, no_dist: bool) -> RemoteReader | None:
     """DCP load of `state` from a checkpoint directory: files on disk, ranged reads from a bucket
     (the reader is returned, for its byte count)."""
-    reader = None if isinstance(path, Path) else RemoteReader(path, threads=READ_THREADS)
+    remote = None if isinstance(path, Path) else RemoteReader(path, threads=READ_THREADS)
     # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
     try:
-        if reader is None:
-            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
-        else:
-            dcp.load(state, storage_reader=reader, no_dist=no_dist)
-        return reader
+        dcp.load(state, storage_reader=remote or SafeReader(str(path)), no_dist=no_dist)
+        return remote
     except (Exception, CheckpointException) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} could not be read ({last}); it may be truncated or "

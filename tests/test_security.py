@@ -36,6 +36,24 @@ def test_a_poisoned_checkpoint_pickle_is_refused_without_running_it(tmp_path, vi
         checkpoint.verify(ckpt)  # and the manifest flags the changed file before any resume tries it
 
 
+def test_a_poisoned_dcp_metadata_is_refused_without_running_it(tmp_path):
+    """DCP's own reader unpickles `.metadata` with plain pickle; raymoe's allows only the classes DCP
+    writes there."""
+    model, opt, sched = fresh()
+    ckpt = tmp_path / "checkpoint_00000001"
+    save(ckpt, model, opt, sched, 1)
+    state = {"model": fresh()[0].state_dict()}
+    checkpoint.dcp_load(state, ckpt, no_dist=True)  # the real one loads
+    marker = tmp_path / "pwned"
+    with open(ckpt / ".metadata", "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(checkpoint.CheckpointError, match="io.open is not something DCP writes into .metadata"):
+        checkpoint.load(ckpt, *fresh()[:2], CFG, rank=0, world_size=1)
+    with pytest.raises(checkpoint.CheckpointError, match="io.open is not something DCP writes into .metadata"):
+        checkpoint.load_model_weights(ckpt, fresh()[0], CFG)
+    assert not marker.exists()
+
+
 def test_configs_are_parsed_without_building_objects(tmp_path):
     evil = tmp_path / "evil.yaml"
     evil.write_text("train: !!python/object/apply:os.system ['touch pwned']\n")
