@@ -269,16 +269,18 @@ def read_meta(path: str | Path | Location, verify: str = "footers", threads: int
             missing = sorted(set(s.file for s in shards) - set(present))
             extra = sorted(set(present) - set(s.file for s in shards))
             raise ValueError(f"data path '{root.uri}': the {split} shard files present differ from meta.json's "
-                             f"{len(shards)}" + (f"; missing: {', '.join(root.join(m).uri for m in missing[:5])}"
-                                                 + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-                                                 if missing else "")
-                             + (f"; not in meta.json: {', '.join(extra[:5])}" + (f" and {len(extra) - 5} more"
-                                                                                if len(extra) > 5 else "")
-                                if extra else "")
-                             + ": prepare the dataset again")
+                             f"{len(shards)}" + (f"; missing: {_some([root.join(m).uri for m in missing])}" if missing
+                                                 else "")
+                             + (f"; not in meta.json: {_some(extra)}" if extra else "") + ": prepare the dataset again")
     if verify == "footers":
         check_footers(root, meta, threads)
     return meta
+
+
+def _some(names: list[str], at_most: int = 5) -> str:
+    """The first few of a list of names, and how many more (10,000 shards make a long message)."""
+    more = f" and {len(names) - at_most} more" if len(names) > at_most else ""
+    return ", ".join(names[:at_most]) + more
 
 
 def check_footers(root: Location, meta: DatasetMeta, threads: int = FOOTER_THREADS) -> None:
