@@ -160,7 +160,11 @@ def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, wo
                               f"{meta['world_size']} ranks' manifests (missing {', '.join(missing[:4])})")
     wanted = {}
     for manifest in manifests:
-        for name, want in json.loads(loc.join(manifest).read_text()).items():
+        try:
+            listed = json.loads(loc.join(manifest).read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {manifest} is not JSON ({e})") from None
+        for name, want in listed.items():
             if sizes.get(name) != want["bytes"]:
                 raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} is missing or differs from "
                                       f"{manifest} ({sizes.get(name)} bytes, recorded {want['bytes']})")
@@ -177,25 +181,27 @@ def _group() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
-def _agree(problem: str | None) -> str | None:
-    """The first problem any rank of the default group found (None if none did): every rank
-    decides alike."""
-    if not _distributed():
-        return problem
-    found: list = [None] * dist.get_world_size()
-    dist.all_gather_object(found, problem)
-    return next((p for p in found if p is not None), None)
-
-
 def _verified(path: Path | Location) -> str | None:
-    """None if `path` is intact, else the problem; verified jointly by the group (see verify)."""
+    """None if `path` is intact, else the problem; verified jointly by the group (see verify).
+    Every rank returns the same answer: the first problem any rank found. A rank that could not
+    check its share (storage still failing after the retries) makes every rank raise, rather
+    than leave the others waiting in the collective or skip a good checkpoint."""
     rank, world = _group()
+    outcome: tuple[str, str] | None = None
     try:
         verify(path, contents=True, rank=rank, world=world)
-        problem = None
     except CheckpointError as e:
-        problem = str(e)
-    return _agree(problem)
+        outcome = ("problem", str(e))
+    except Exception as e:  # noqa: BLE001 - shared with the group below, then raised on every rank
+        outcome = ("error", f"rank {rank} could not check {storage.locate(path).uri}: {type(e).__name__}: {e}")
+    found = [outcome]
+    if _distributed():
+        found = [None] * world
+        dist.all_gather_object(found, outcome)
+    errors = [msg for o in found if o is not None and o[0] == "error" for msg in [o[1]]]
+    if errors:
+        raise CheckpointError(errors[0] + "; the run was not resumed (rerun it once the storage answers)")
+    return next((o[1] for o in found if o is not None), None)
 
 
 def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Location) -> Path | Location | None:

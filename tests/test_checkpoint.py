@@ -235,3 +235,35 @@ def test_a_step_saved_again_by_fewer_workers_verifies_without_the_earlier_ranks_
     (path / "manifest_rank0.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match=r"incomplete: 0 of 1 ranks' manifests \(missing manifest_rank0.json\)"):
         checkpoint.verify(path)
+
+
+def _unreadable_share(rank, world, run_dir, out):
+    """Rank 1 cannot read its share (the store keeps failing); rank 0 can."""
+    from pathlib import Path
+
+    from cluster.data import storage
+
+    real = checkpoint._digest
+    if rank == 1:
+        def failing(loc):
+            raise storage.StorageError(f"read {loc.uri} failed after 6 attempts (timeout)")
+        checkpoint._digest = failing
+    try:
+        checkpoint.choose_resume(Path(run_dir) / checkpoint.dir_name(2), run_dir)
+        outcome = "resumed"
+    except checkpoint.CheckpointError as e:
+        outcome = str(e)
+    finally:
+        checkpoint._digest = real
+    Path(out, f"rank{rank}.txt").write_text(outcome)
+
+
+@pytest.mark.multiproc
+def test_a_rank_that_cannot_check_its_share_stops_every_rank_without_a_hang(tmp_path):
+    from tests import ranks
+
+    model, opt, sched = fresh()
+    save(tmp_path / "run" / checkpoint.dir_name(2), model, opt, sched, 2)
+    ranks.run(_unreadable_share, 2, str(tmp_path / "run"), str(tmp_path))
+    for r in range(2):
+        assert (tmp_path / f"rank{r}.txt").read_text().startswith("rank 1 could not check"), r
