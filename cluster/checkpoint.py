@@ -141,6 +141,10 @@ def _listing(loc: Location) -> dict[str, int]:
     return {i.base_name: i.size for i in infos if i.type == storage.pafs.FileType.File}
 
 
+HASH_THREADS = 4
+"""Files one rank hashes at once in `verify`."""
+
+
 def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, world: int = 1) -> dict:
     """Check a checkpoint against its manifests and return its meta. Every file of every rank
     must be present at its recorded size (one listing). With `contents`, the SHA-256 of every
@@ -164,16 +168,26 @@ def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, wo
             listed = json.loads(loc.join(manifest).read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {manifest} is not JSON ({e})") from None
+        if not isinstance(listed, dict) or not all(isinstance(w, dict) and isinstance(w.get("bytes"), int)
+                                                   and isinstance(w.get("sha256"), str) for w in listed.values()):
+            raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {manifest} is not a manifest "
+                                  "(file name -> bytes and sha256)")
         for name, want in listed.items():
             if sizes.get(name) != want["bytes"]:
                 raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} is missing or differs from "
                                       f"{manifest} ({sizes.get(name)} bytes, recorded {want['bytes']})")
             wanted[name] = (manifest, want)
     if contents:
-        for name in sorted(wanted)[rank::world]:
-            manifest, want = wanted[name]
-            if _digest(loc.join(name)) != want:
-                raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} differs from {manifest}")
+        share = sorted(wanted)[rank::world]
+        # A few files at a time: a rank of a group smaller than the one that wrote the checkpoint
+        # may hash hundreds of GB, while the others wait for its verdict in a collective.
+        with ThreadPoolExecutor(max(1, min(HASH_THREADS, len(share))), thread_name_prefix="raymoe-hash") as pool:
+            digests = pool.map(lambda n: _digest(loc.join(n)), share)
+            for name, digest in zip(share, digests):
+                manifest, want = wanted[name]
+                if digest != want:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise CheckpointError(f"checkpoint {loc.uri} is corrupt: {name} differs from {manifest}")
     return meta
 
 
@@ -204,13 +218,33 @@ def _verified(path: Path | Location) -> str | None:
     return next((o[1] for o in found if o is not None), None)
 
 
+def _shared_listing(run_dir: str | Path | Location) -> list[Path | Location]:
+    """list_checkpoints as rank 0 sees it, on every rank: each entry costs the group a collective
+    in choose_resume, so the ranks must walk the same list (Ray may delete an old checkpoint
+    while they list)."""
+    if not _distributed():
+        return list_checkpoints(run_dir)
+    try:
+        names = [p.name for p in list_checkpoints(run_dir)] if dist.get_rank() == 0 else None
+        outcome = ("ok", names)
+    except Exception as e:  # noqa: BLE001 - shared below, raised on every rank
+        outcome = ("error", f"rank 0 could not list {storage.locate(run_dir).uri}: {type(e).__name__}: {e}")
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value + "; the run was not resumed (rerun it once the storage answers)")
+    run = storage.locate(run_dir)
+    return [storage.native(run.join(n)) for n in value]
+
+
 def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Location) -> Path | Location | None:
     """`latest` if it is intact, else the newest intact older checkpoint of the run (with a
     warning); the corrupt one is left in place for inspection. With `latest` None: the run's
     newest intact checkpoint, or None. Called by every rank of a group at once (a collective
     when torch.distributed is up): they share the hashing and reach the same answer."""
     if latest is None:
-        for older in list_checkpoints(run_dir):
+        for older in _shared_listing(run_dir):
             problem = _verified(older)
             if problem is None:
                 return older
@@ -221,7 +255,7 @@ def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Lo
     problem = _verified(latest)
     if problem is None:
         return storage.native(latest)
-    for older in list_checkpoints(run_dir):
+    for older in _shared_listing(run_dir):
         if older.name >= latest.name or _verified(older) is not None:
             continue
         warnings.warn(f"{problem}; resuming from the previous intact checkpoint {older.name} instead", stacklevel=2)
@@ -477,15 +511,18 @@ class _MetadataUnpickler(pickle.Unpickler):
     and enums, `_StorageInfo`, torch dtypes, sizes and layouts, paths). DCP's own reader
     unpickles it with plain `pickle.load`, which runs any code a poisoned file asks for."""
 
-    def find_class(self, module: str, name: str):
-        import torch.distributed.checkpoint.metadata as dcp_metadata
+    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict")}
 
-        allowed = (module == dcp_metadata.__name__
-                   or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-                                         ("torch", "Size"), ("torch.serialization", "_get_layout"),
-                                         ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                                         ("collections", "OrderedDict")}
-                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))))
+    def find_class(self, module: str, name: str):
+        # Exact names only: pickle resolves a dotted name attribute by attribute, so a module that
+        # is allowed would otherwise hand out everything it imports (`...metadata` + "os.system").
+        allowed = "." not in name and ((module, name) in self.ALLOWED or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))))
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not something DCP writes into .metadata; refusing to "
                                          "load it (a poisoned or foreign checkpoint)")
@@ -517,6 +554,7 @@ class RemoteReader(SafeReader):
     def __init__(self, loc: Location, threads: int = 16, ahead_bytes: int = 256 << 20):
         super().__init__(loc.path)
         self.fs = _ArrowFileSystem(loc)
+        self.path = loc.path  # as pyarrow spells it (the base class made a pathlib.Path of it)
         self.loc = loc
         self.threads, self.ahead_bytes = max(1, threads), ahead_bytes
         self.bytes_read = self.requests = 0
@@ -545,17 +583,16 @@ class RemoteReader(SafeReader):
             md = self.storage_data[item.storage_index]
             by_file.setdefault(md.relative_path, []).append((md.relative_path, md.offset, md.length))
         self._todo = deque(k for keys in by_file.values() for k in keys)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="raymoe-ckpt-read") as pool:
-            self._pool = pool
-            try:
-                self._top_up()
-                return super().read_data(plan, planner)
-            finally:
-                for fut in self._ahead.values():
-                    fut.cancel()
-                self._ahead.clear()
-                self._pool = None
-                self.fs.close()
+        pool = self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raymoe-ckpt-read")
+        try:
+            self._top_up()
+            return super().read_data(plan, planner)
+        finally:
+            # On an error, reads may still be running: let them end before their files close.
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._ahead.clear()
+            self._pool = None
+            self.fs.close()
 
     def _slice_file(self, file, sinfo):
         key = (sinfo.relative_path, sinfo.offset, sinfo.length)

@@ -54,6 +54,20 @@ def test_a_poisoned_dcp_metadata_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_a_dotted_global_cannot_reach_through_an_allowed_module(tmp_path):
+    """Pickle resolves `module` + "a.b" attribute by attribute: an allowed DCP module must not hand
+    out what it imported (its `os`)."""
+    import io
+
+    marker = tmp_path / "pwned"
+    poison = (b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00"  # protocol 4, a frame
+              b"\x8c\x25torch.distributed.checkpoint.metadata\x94\x8c\x09os.system\x94\x93\x94"
+              + b"\x8c" + bytes([len(f"touch {marker}")]) + f"touch {marker}".encode() + b"\x94\x85\x94R\x94.")
+    with pytest.raises(pickle.UnpicklingError, match="torch.distributed.checkpoint.metadata.os.system is not"):
+        checkpoint._MetadataUnpickler(io.BytesIO(poison)).load()
+    assert not marker.exists()
+
+
 def test_configs_are_parsed_without_building_objects(tmp_path):
     evil = tmp_path / "evil.yaml"
     evil.write_text("train: !!python/object/apply:os.system ['touch pwned']\n")

@@ -296,12 +296,15 @@ def check_footers(root: Location, meta: DatasetMeta, threads: int = FOOTER_THREA
         _check_shard(loc, footer.num_rows, footer.metadata, shard, expected)
 
     t0 = last = time.monotonic()
-    with ThreadPoolExecutor(max(1, min(threads, len(shards))), thread_name_prefix="raymoe-footers") as pool:
+    pool = ThreadPoolExecutor(max(1, min(threads, len(shards))), thread_name_prefix="raymoe-footers")
+    try:
         for done, _ in enumerate(pool.map(check, shards), 1):
             if time.monotonic() - last > 10:
                 last = time.monotonic()
                 print(f"[data] checked {done}/{len(shards)} shard footers of {root.uri} "
                       f"({last - t0:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a bad shard, the rest are not read
 
 
 def _check_shard(loc: Location, rows: int, metadata: dict | None, shard: Shard,
