@@ -134,13 +134,6 @@ def _digest(path: Path | Location) -> dict:
     return {"bytes": size, "sha256": h.hexdigest()}
 
 
-def _listing(loc: Location) -> dict[str, int]:
-    """File name -> size of a checkpoint directory's files, from one listing."""
-    sel = storage.pafs.FileSelector(loc.path, allow_not_found=True, recursive=False)
-    infos = storage.retrying("list", loc, lambda: loc.fs.get_file_info(sel))
-    return {i.base_name: i.size for i in infos if i.type == storage.pafs.FileType.File}
-
-
 HASH_THREADS = 4
 """Files one rank hashes at once in `verify`."""
 
@@ -153,7 +146,7 @@ def verify(path: str | Path | Location, contents: bool = True, rank: int = 0, wo
     (choose_resume); one process with the defaults checks them all."""
     loc = storage.locate(path)
     meta = read_meta(loc)
-    sizes = _listing(loc)
+    sizes = dict(loc.files())  # one listing (a checkpoint directory is flat)
     # The manifests of the ranks that wrote it (meta.json's world size). Others are left from an
     # earlier save of the same step by more workers (a resume from an older checkpoint re-saves
     # it into the same directory) and are ignored, with the files only they list.
@@ -195,47 +188,47 @@ def _group() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
-def _verified(path: Path | Location) -> str | None:
-    """None if `path` is intact, else the problem; verified jointly by the group (see verify).
-    Every rank returns the same answer: the first problem any rank found. A rank that could not
-    check its share (storage still failing after the retries) makes every rank raise, rather
-    than leave the others waiting in the collective or skip a good checkpoint."""
+def _on_every_rank(what: str, fn, ranks: str = "all") -> list:
+    """fn()'s outcome as every rank of the default group sees it: a list with one entry per rank,
+    each ("ok", value) or ("problem", CheckpointError message), and None for a rank that did not
+    run it (`ranks="first"`: only rank 0 runs fn). Any other exception on any rank (storage still
+    failing after the retries) is raised on every rank alike, so no rank is left waiting in the
+    next collective while another gave up."""
     rank, world = _group()
-    outcome: tuple[str, str] | None = None
-    try:
-        verify(path, contents=True, rank=rank, world=world)
-    except CheckpointError as e:
-        outcome = ("problem", str(e))
-    except Exception as e:  # noqa: BLE001 - shared with the group below, then raised on every rank
-        outcome = ("error", f"rank {rank} could not check {storage.locate(path).uri}: {type(e).__name__}: {e}")
+    outcome = None
+    if ranks == "all" or rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except CheckpointError as e:
+            outcome = ("problem", str(e))
+        except Exception as e:  # noqa: BLE001 - shared with the group below, then raised on every rank
+            outcome = ("error", f"rank {rank} could not {what}: {type(e).__name__}: {e}")
     found = [outcome]
     if _distributed():
         found = [None] * world
         dist.all_gather_object(found, outcome)
-    errors = [msg for o in found if o is not None and o[0] == "error" for msg in [o[1]]]
+    errors = [o[1] for o in found if o is not None and o[0] == "error"]
     if errors:
         raise CheckpointError(errors[0] + "; the run was not resumed (rerun it once the storage answers)")
-    return next((o[1] for o in found if o is not None), None)
+    return found
+
+
+def _verified(path: Path | Location) -> str | None:
+    """None if `path` is intact, else the problem: verified jointly by the group (see verify).
+    Every rank returns the same answer, the first problem any rank found."""
+    rank, world = _group()
+    found = _on_every_rank(f"check {storage.locate(path).uri}",
+                           lambda: verify(path, contents=True, rank=rank, world=world))
+    return next((o[1] for o in found if o[0] == "problem"), None)
 
 
 def _shared_listing(run_dir: str | Path | Location) -> list[Path | Location]:
     """list_checkpoints as rank 0 sees it, on every rank: each entry costs the group a collective
     in choose_resume, so the ranks must walk the same list (Ray may delete an old checkpoint
     while they list)."""
-    if not _distributed():
-        return list_checkpoints(run_dir)
-    try:
-        names = [p.name for p in list_checkpoints(run_dir)] if dist.get_rank() == 0 else None
-        outcome = ("ok", names)
-    except Exception as e:  # noqa: BLE001 - shared below, raised on every rank
-        outcome = ("error", f"rank 0 could not list {storage.locate(run_dir).uri}: {type(e).__name__}: {e}")
-    box = [outcome]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise CheckpointError(value + "; the run was not resumed (rerun it once the storage answers)")
     run = storage.locate(run_dir)
-    return [storage.native(run.join(n)) for n in value]
+    _, names = _on_every_rank(f"list {run.uri}", lambda: [p.name for p in list_checkpoints(run)], "first")[0]
+    return [storage.native(run.join(n)) for n in names]
 
 
 def choose_resume(latest: str | Path | Location | None, run_dir: str | Path | Location) -> Path | Location | None:
@@ -331,9 +324,7 @@ def load(path: str | Path | Location, model: nn.Module, optimizer, model_cfg: An
 
 
 def _torch_load(path: Path | Location, name: str) -> Any:
-    if isinstance(path, Path):
-        return torch.load(path / name, weights_only=True)
-    return torch.load(io.BytesIO(path.join(name).read_bytes()), weights_only=True)
+    return torch.load(io.BytesIO(storage.locate(path).join(name).read_bytes()), weights_only=True)
 
 
 def load_model_weights(path: str | Path | Location, model: nn.Module, model_cfg: Any) -> None:
@@ -544,6 +535,10 @@ class SafeReader(FileSystemReader):
         return metadata
 
 
+READ_THREADS = 16
+"""Ranged GETs a RemoteReader keeps in flight."""
+
+
 class RemoteReader(SafeReader):
     """DCP's reader for a checkpoint in a bucket. Each item this rank's load plan needs is one
     ranged GET of its bytes, retried on transient errors. Nothing else of the shard files is read.
@@ -551,7 +546,7 @@ class RemoteReader(SafeReader):
     flight: at an object store's ~20-50 ms per request, one at a time would dominate the load.
     `bytes_read` counts the bytes, `requests` the GETs."""
 
-    def __init__(self, loc: Location, threads: int = 16, ahead_bytes: int = 256 << 20):
+    def __init__(self, loc: Location, threads: int = READ_THREADS, ahead_bytes: int = 256 << 20):
         super().__init__(loc.path)
         self.fs = _ArrowFileSystem(loc)
         self.path = loc.path  # as pyarrow spells it (the base class made a pathlib.Path of it)
@@ -604,14 +599,10 @@ class RemoteReader(SafeReader):
         return io.BytesIO(data)
 
 
-READ_THREADS = 16
-"""Ranged GETs a RemoteReader keeps in flight."""
-
-
 def dcp_load(state: dict, path: Path | Location, no_dist: bool) -> RemoteReader | None:
     """DCP load of `state` from a checkpoint directory: files on disk, ranged reads from a bucket
     (the reader is returned, for its byte count)."""
-    remote = None if isinstance(path, Path) else RemoteReader(path, threads=READ_THREADS)
+    remote = None if isinstance(path, Path) else RemoteReader(path, threads=READ_THREADS)  # its value now (jobs.bench storage sets it)
     # NOTE: DCP's CheckpointException derives from BaseException and carries each rank's traceback.
     try:
         dcp.load(state, storage_reader=remote or SafeReader(str(path)), no_dist=no_dist)

@@ -11,12 +11,12 @@ counted down per matching request, so every request loop is bounded:
 """
 from __future__ import annotations
 
-import http.client
 import socket
 import struct
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from cluster.bench.http_proxy import ForwardingProxy
 
 BUCKET = "raymoe-test"
 KEY_ID, SECRET = "raymoe-test-key", "raymoe-test-secret-5f3a9c"  # fake; the tests grep runs for it
@@ -25,97 +25,20 @@ _ERRORS = {"503": (503, "SlowDown", "Please reduce your request rate."),
            "403": (403, "AccessDenied", "Access Denied")}
 
 
-class FaultProxy:
+class FaultProxy(ForwardingProxy):
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self._faults: list[dict] = []
         self._lock = threading.Lock()
         self.injected: dict[str, int] = {}
-        proxy = self
+        super().__init__(upstream_port, before=self._maybe_fault)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _handle(self):
-                body = self._body()
-                fault = proxy._take(self.command, self.path)
-                if fault is not None:
-                    return self._inject(fault)
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in ("connection", "transfer-encoding", "content-length")}
-                    headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response_only(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                if self.command == "HEAD":
-                    self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
-                else:
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
-                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                parts = []
-                while True:  # the SDK streams uploads chunked: decode, forward with a length
-                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return b"".join(parts)
-                    parts.append(self.rfile.read(size))
-                    self.rfile.readline()
-
-            def _inject(self, fault):
-                kind = fault["kind"]
-                if kind == "reset":
-                    # Part of a response, then RST (SO_LINGER 0): a connection dropped mid-transfer.
-                    # (A reset before any byte of the answer is retried silently by the SDK on a
-                    # reused connection, so the client would never see it.)
-                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nPAR1")
-                    self.wfile.flush()
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.close_connection = True
-                    self.connection.close()
-                    return
-                if kind == "stall":
-                    time.sleep(fault["seconds"])
-                    self.close_connection = True
-                    return
-                status, code, message = _ERRORS[kind]
-                xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}"
-                       f"</Message></Error>").encode()
-                self.send_response_only(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(xml)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(xml)
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def _maybe_fault(self, handler) -> bool:
+        fault = self._take(handler.command, handler.path)
+        if fault is None:
+            return False
+        _inject(handler, fault)
+        return True
 
     def arm(self, kind: str, count: int, match: str = "", method: str = "", seconds: float = 0.0) -> None:
         with self._lock:
@@ -135,9 +58,32 @@ class FaultProxy:
                     return f
         return None
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+
+def _inject(handler, fault: dict) -> None:
+    kind = fault["kind"]
+    if kind == "reset":
+        # Part of a response, then RST (SO_LINGER 0): a connection dropped mid-transfer.
+        # (A reset before any byte of the answer is retried silently by the SDK on a
+        # reused connection, so the client would never see it.)
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\nPAR1")
+        handler.wfile.flush()
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        handler.close_connection = True
+        handler.connection.close()
+        return
+    if kind == "stall":
+        time.sleep(fault["seconds"])
+        handler.close_connection = True
+        return
+    status, code, message = _ERRORS[kind]
+    xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}"
+           f"</Message></Error>").encode()
+    handler.send_response_only(status)
+    handler.send_header("Content-Type", "application/xml")
+    handler.send_header("Content-Length", "0" if handler.command == "HEAD" else str(len(xml)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(xml)
 
 
 class S3Server:

@@ -156,7 +156,8 @@ def test_source_to_expert_major_permutation():
 
 # ------------------------------------------------------------------- checkpoints across EP sizes
 
-def _ckpt_worker(rank, world, cfg, data, ckpt_in, ckpt_out, out):
+def _ep2_resume(rank, world, cfg, data, ckpt_in):
+    """Steps 3-5 at EP=2 from the step-3 checkpoint `ckpt_in`: (model, optimizer, losses)."""
     groups = build_groups(ParallelDims.build(world, 2, cfg.moe.num_experts), rank)
     model = build(cfg, seed=99)  # a different init: everything must come from the checkpoint
     apply_expert_parallel(model, groups)
@@ -165,8 +166,28 @@ def _ckpt_worker(rank, world, cfg, data, ckpt_in, ckpt_out, out):
     ddp = apply_data_parallel(model, CPU)
     losses = [train_step(ddp, ArrayLM(), [data[s][rank]], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
               for s in range(3, 6)]
+    return model, opt, losses
+
+
+def _ckpt_worker(rank, world, cfg, data, ckpt_in, ckpt_out, out):
+    model, opt, losses = _ep2_resume(rank, world, cfg, data, ckpt_in)
     checkpoint.save(ckpt_out, model, opt, {"step": 6}, cfg, rank, world)
     torch.save(losses, f"{out}/rank{rank}.pt")
+
+
+def _straight_and_saved_at_3(cfg, data, path):
+    """The single-process losses over all of `data`, and the model of a second run saved to
+    `path` after 3 steps."""
+    model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    straight = [train_step(model, ArrayLM(), batch, opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
+                for batch in data]
+    model = build(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for s in range(3):
+        train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0)
+    checkpoint.save(path, model, opt, {"step": 3}, cfg, 0, 1)
+    return straight, model
 
 
 def test_checkpoint_reshards_between_ep1_and_ep2(tmp_path):
@@ -174,15 +195,7 @@ def test_checkpoint_reshards_between_ep1_and_ep2(tmp_path):
     for 3 more. Losses equal a straight single-process run (AdamW state included)."""
     cfg = model_cfg(capacity_factor=1.0)
     data = rank_batches(2, steps=9)
-    model = build(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    straight = [train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
-                for s in range(9)]
-    model = build(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for s in range(3):
-        train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0)
-    checkpoint.save(tmp_path / "ep1", model, opt, {"step": 3}, cfg, 0, 1)
+    straight, _ = _straight_and_saved_at_3(cfg, data, tmp_path / "ep1")
     spawn(_ckpt_worker, 2, cfg, data, str(tmp_path / "ep1"), str(tmp_path / "ep2"), str(tmp_path))
     ep_losses = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert checkpoint.verify(tmp_path / "ep2")["world_size"] == 2  # both ranks' manifests check out
@@ -202,15 +215,10 @@ def _bucket_ckpt_worker(rank, world, cfg, data, uri, env, out):
     reads = []
     real = checkpoint.dcp_load
     checkpoint.dcp_load = lambda *a, **k: reads.append(real(*a, **k)) or reads[-1]
-    groups = build_groups(ParallelDims.build(world, 2, cfg.moe.num_experts), rank)
-    model = build(cfg, seed=99)
-    apply_expert_parallel(model, groups)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    checkpoint.load(uri, model, opt, cfg, rank, world)
-    checkpoint.dcp_load = real
-    ddp = apply_data_parallel(model, CPU)
-    losses = [train_step(ddp, ArrayLM(), [data[s][rank]], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
-              for s in range(3, 6)]
+    try:
+        _, _, losses = _ep2_resume(rank, world, cfg, data, uri)
+    finally:
+        checkpoint.dcp_load = real
     torch.save({"losses": losses, "bytes": reads[0].bytes_read}, f"{out}/rank{rank}.pt")
 
 
@@ -222,16 +230,8 @@ def test_ep2_resumes_from_a_bucket_each_rank_reading_only_its_own_experts(tmp_pa
 
     cfg = model_cfg(capacity_factor=1.0)
     data = rank_batches(2, steps=6)
-    model = build(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    straight = [train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0).loss
-                for s in range(6)]
-    model = build(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for s in range(3):
-        train_step(model, ArrayLM(), data[s], opt, DynamicLossScaler(False), "fp32", CPU, 1.0)
     local = tmp_path / "ep1"
-    checkpoint.save(local, model, opt, {"step": 3}, cfg, 0, 1)
+    straight, model = _straight_and_saved_at_3(cfg, data, local)
     remote = storage.locate(f"s3://{BUCKET}/ep-resume/{checkpoint.dir_name(3)}")
     for f in local.iterdir():
         remote.join(f.name).write_bytes(f.read_bytes())

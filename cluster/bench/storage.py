@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,56 +76,22 @@ def read_throughput(uri: str) -> dict:
     return {"mb_per_s": total / seconds / 1e6, "seconds": seconds, "bytes": total}
 
 
-class LatencyProxy:
-    """An HTTP proxy on 127.0.0.1 that answers each request `latency_s` late: an object store's
-    time to first byte (tens of ms) in front of moto, which answers in a few ms. Requests wait in
-    parallel, as they would on the network."""
+@contextmanager
+def latency_proxy(endpoint: str, latency_ms: float):
+    """The endpoint to read through: a proxy in front of `endpoint` that answers each request
+    `latency_ms` late (an object store's time to first byte, tens of ms, where moto alone
+    answers in a few), or `endpoint` itself at 0. Requests wait in parallel, as they would on
+    the network."""
+    from cluster.bench.http_proxy import ForwardingProxy
 
-    def __init__(self, upstream: str, latency_s: float):
-        import http.client
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-        from urllib.parse import urlparse
-
-        host, port = urlparse(upstream).hostname, urlparse(upstream).port
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                time.sleep(latency_s)
-                conn = http.client.HTTPConnection(host, port, timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body, headers={
-                        k: v for k, v in self.headers.items() if k.lower() != "connection"})
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response_only(resp.status, resp.reason)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    if latency_ms <= 0:
+        yield endpoint
+        return
+    proxy = ForwardingProxy(int(endpoint.rsplit(":", 1)[1]), before=lambda _: time.sleep(latency_ms / 1e3) or False)
+    try:
+        yield proxy.endpoint
+    finally:
+        proxy.close()
 
 
 def startup_checks(uri: str, repeats: int) -> dict:
@@ -303,14 +270,13 @@ def main(argv=None, from_cli: bool = False) -> int:
                 many = f"s3://{BUCKET}/many-shards"
                 big = write_dataset(words, many, ByteTokenizer(), 16, rows_per_shard=3, source="words")
                 n = len(big.shards["train"]) + len(big.shards["val"])
-                proxy = LatencyProxy(endpoint, args.latency_ms / 1e3) if args.latency_ms > 0 else None
-                os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint if proxy else endpoint
-                try:
-                    startup = {"shards": n, "latency_ms": args.latency_ms, "seconds": startup_checks(many, args.repeats)}
-                finally:
-                    os.environ["AWS_ENDPOINT_URL"] = endpoint
-                    if proxy:
-                        proxy.close()
+                with latency_proxy(endpoint, args.latency_ms) as reads_at:
+                    os.environ["AWS_ENDPOINT_URL"] = reads_at
+                    try:
+                        startup = {"shards": n, "latency_ms": args.latency_ms,
+                                   "seconds": startup_checks(many, args.repeats)}
+                    finally:
+                        os.environ["AWS_ENDPOINT_URL"] = endpoint
                 print(f"[bench storage] opening a dataset of {n} shards in s3://{BUCKET} (+{args.latency_ms:g} ms "
                       "per request): " + ", ".join(f"{k} {v:.2f} s" for k, v in startup["seconds"].items()), flush=True)
             job = load_config(args.config, [f"data.path={sources['disk']}"])
@@ -321,13 +287,11 @@ def main(argv=None, from_cli: bool = False) -> int:
             runs = {(k, pf): [] for k in sources for pf in (True, False)}
             ckpt = None
             if "checkpoint" in args.parts:
-                proxy = LatencyProxy(endpoint, args.latency_ms / 1e3) if args.latency_ms > 0 else None
-                try:
-                    ckpt = checkpoint_loads(job, f"s3://{BUCKET}/ckpt", args.repeats, proxy and proxy.endpoint)
-                finally:
-                    os.environ["AWS_ENDPOINT_URL"] = endpoint
-                    if proxy:
-                        proxy.close()
+                with latency_proxy(endpoint, args.latency_ms) as reads_at:
+                    try:
+                        ckpt = checkpoint_loads(job, f"s3://{BUCKET}/ckpt", args.repeats, reads_at)
+                    finally:
+                        os.environ["AWS_ENDPOINT_URL"] = endpoint
                 print(f"[bench storage] {args.config} checkpoint from s3://{BUCKET} (+{args.latency_ms:g} ms per "
                       "request): " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in ckpt["ways"].items()), flush=True)
             for rnd in range(args.repeats if "train" in args.parts else 0):
